@@ -1,0 +1,82 @@
+"""Conversion config: a dataclass that round-trips through YAML and ``key=value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import DistillError
+
+DECAYS = ("none", "fixed", "learned")
+
+
+@dataclass
+class ConvertConfig:
+    """How each softmax attention layer is replaced.
+
+    feature_map: registered name (``elu``, ``relu``, ``t2r``, ``hedgehog``, ``taylor``, ``poly``)
+        or ``"package.module:ClassName"``.
+    feature_map_kwargs: options passed to the feature map (e.g. ``{"feature_dim": 64}``,
+        ``{"degree": 2, "rank": 16}``).
+    depth: linear-RNN sublayers stacked per attention layer (>= 1).
+    window: exact softmax over the last ``window`` tokens plus linear attention over older
+        ones (LoLCATs-style hybrid); 0 = pure linear attention.
+    decay: per-head state decay, ``none | fixed | learned``.
+    keep_softmax_layers: layer indices that keep the teacher's softmax attention.
+    eps: added to the normaliser.
+    """
+
+    feature_map: str = "hedgehog"
+    feature_map_kwargs: dict[str, Any] = field(default_factory=dict)
+    depth: int = 1
+    window: int = 0
+    decay: str = "none"
+    keep_softmax_layers: list[int] = field(default_factory=list)
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.feature_map, str) or not self.feature_map:
+            raise DistillError("feature_map must be a registered name or 'package.module:Class'")
+        if not isinstance(self.feature_map_kwargs, dict):
+            raise DistillError("feature_map_kwargs must be a mapping, e.g. {feature_dim: 64}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise DistillError(f"depth must be an integer >= 1, got {self.depth!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise DistillError(f"window must be an integer >= 0, got {self.window!r}")
+        if self.decay not in DECAYS:
+            raise DistillError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if not self.eps > 0:
+            raise DistillError(f"eps must be > 0, got {self.eps!r}")
+        layers = list(self.keep_softmax_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise DistillError(f"keep_softmax_layers must be a list of layer indices, got {layers!r}")
+        self.keep_softmax_layers = sorted(set(layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ConvertConfig":
+        return cls(**check_keys(cls, data))
+
+
+def check_keys(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Reject keys that are not fields of dataclass ``cls`` with a one-line error."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise DistillError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+            f"{' in ' + where if where else ''}; valid keys: {', '.join(names)}"
+        )
+    return dict(data)
+
+
+def parse_value(text: str) -> Any:
+    """``key=value`` override values are read as YAML scalars/lists (``3``, ``[1, 2]``, ``none``)."""
+    return yaml.safe_load(text)

@@ -1,0 +1,195 @@
+"""Swap a causal LM's softmax attention for linear-RNN layers, and save/load the result.
+
+Converted models get a per-architecture subclass (``DistillLlamaForCausalLM`` with model_type
+``distill_llama``, ...) registered with the Auto classes, so that ``save_pretrained`` writes a
+normal Hugging Face folder and ``AutoModelForCausalLM.from_pretrained`` (after ``import distill``)
+or :func:`load_converted` rebuilds exactly the same model, strictly, without remote code.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .architectures import ARCHITECTURES, PREFIX, base_model_type, get_architecture
+from .cache import RecurrentCache
+from .config import ConvertConfig
+from .errors import DistillError
+from .layer import LinearAttention
+
+log = logging.getLogger(__name__)
+
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+class DistillMixin:
+    """Behaviour shared by every converted causal LM (mixed in before the teacher's class)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _swap_attention(self, ConvertConfig.from_dict(config.distill))
+
+    @property
+    def distill_config(self) -> ConvertConfig:
+        return ConvertConfig.from_dict(self.config.distill)
+
+    def new_cache(self) -> RecurrentCache:
+        layers = get_architecture(self.config.model_type).decoder_layers(self)
+        return RecurrentCache([isinstance(layer.self_attn, LinearAttention) for layer in layers])
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, distill_mode=None, **kwargs):
+        """As the teacher's forward, plus ``distill_mode`` (auto | parallel | recurrent | teacher)."""
+        if "past_key_values" in kwargs:  # transformers' deprecated spelling
+            cache = kwargs.pop("past_key_values")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if distill_mode == "teacher":
+            use_cache = False
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            distill_mode=distill_mode,
+            distill_padding_mask=attention_mask,
+            **kwargs,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = self.new_cache()
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
+        """Hugging Face ``save_pretrained`` (safetensors), plus the tokenizer when one is given."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Strict: any missing, unexpected or mis-shaped weight is an error."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [
+            f"{what}: {', '.join(sorted(str(k) for k in info.get(key) or ())[:5])}"
+            for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong shape"))
+            if info.get(key)
+        ]
+        if problems:
+            raise DistillError(
+                f"checkpoint does not match its converted architecture ({'; '.join(problems)}); "
+                "re-create it with distill convert or save_pretrained"
+            )
+        return (model, info) if want_info else model
+
+
+def distill_classes(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) for a converted ``model_type``; registered once."""
+    base = base_model_type(model_type)
+    get_architecture(base)
+    if base not in _CLASSES:
+        config_base = CONFIG_MAPPING[base]
+        model_base = MODEL_FOR_CAUSAL_LM_MAPPING[config_base]
+        config_cls = type(f"Distill{config_base.__name__}", (config_base,), {"model_type": PREFIX + base, "__module__": __name__})
+        model_cls = type(
+            f"Distill{model_base.__name__}", (DistillMixin, model_base), {"config_class": config_cls, "__module__": __name__}
+        )
+        AutoConfig.register(PREFIX + base, config_cls)
+        AutoModelForCausalLM.register(config_cls, model_cls)
+        _CLASSES[base] = (config_cls, model_cls)
+    return _CLASSES[base]
+
+
+def register_all() -> None:
+    for model_type in ARCHITECTURES:
+        distill_classes(model_type)
+
+
+def _build_replacements(model: nn.Module, cfg: ConvertConfig) -> dict[int, LinearAttention]:
+    """Validate everything and build the new modules without touching ``model``."""
+    arch = get_architecture(model.config.model_type)
+    layers = arch.decoder_layers(model)
+    bad = [i for i in cfg.keep_softmax_layers if not 0 <= i < len(layers)]
+    if bad:
+        raise DistillError(
+            f"keep_softmax_layers has index {bad[0]} but the model has {len(layers)} layers (0..{len(layers) - 1})"
+        )
+    built = {}
+    for i, layer in enumerate(layers):
+        if i in cfg.keep_softmax_layers:
+            continue
+        attn = layer.self_attn
+        module = LinearAttention(attn, cfg, model.config, i, arch)
+        ref = attn.q_proj.weight
+        built[i] = module.to(device=ref.device, dtype=ref.dtype)
+    return built
+
+
+def _swap_attention(model: nn.Module, cfg: ConvertConfig) -> None:
+    layers = get_architecture(model.config.model_type).decoder_layers(model)
+    for i, module in _build_replacements(model, cfg).items():
+        layers[i].self_attn = module
+
+
+def convert_model(model: nn.Module, config: ConvertConfig | dict[str, Any] | None = None) -> nn.Module:
+    """Replace softmax attention in ``model`` in place and return it.
+
+    Everything is validated and built before the first module is swapped, so a failure leaves
+    ``model`` unchanged (like peft). Teacher weights are shared, not copied.
+    """
+    cfg = config if isinstance(config, ConvertConfig) else ConvertConfig.from_dict(config or {})
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise DistillError("convert_model needs a transformers causal LM (a model with .config.model_type)")
+    if model_type.startswith(PREFIX):
+        raise DistillError("this model is already converted; start again from the teacher")
+    get_architecture(model_type)
+    built = _build_replacements(model, cfg)
+    config_cls, model_cls = distill_classes(model_type)
+    layers = get_architecture(model_type).decoder_layers(model)
+    for i, module in built.items():
+        layers[i].self_attn = module
+    model.config.__class__ = config_cls
+    model.config.distill = cfg.to_dict()
+    model.__class__ = model_cls
+    log.info("converted %d of %d attention layers (%s)", len(built), len(layers), cfg.feature_map)
+    return model
+
+
+def is_converted(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and f'"{PREFIX}' in config.read_text(encoding="utf-8", errors="replace")
+
+
+def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
+    """Load a converted model folder written by ``save_pretrained`` or ``distill convert``."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DistillError(f"{path} is not a model folder (no config.json); give the --out folder of distill convert")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DistillError(f"cannot read {path / 'config.json'} ({str(err).splitlines()[0]}); is the folder complete?") from None
+    if not config.model_type.startswith(PREFIX):
+        raise DistillError(f"{path} holds a {config.model_type!r} model, not a converted one; run distill convert on it")
+    _, model_cls = distill_classes(config.model_type)
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = model_cls.from_pretrained(path, **kwargs)
+    except DistillError:
+        raise
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DistillError(f"cannot load weights from {path} ({str(err).splitlines()[0]}); the checkpoint may be corrupt") from None
+    return model.to(device) if device is not None else model

@@ -1,0 +1,87 @@
+"""Feature-map base class and registry.
+
+A feature map φ is applied per head to queries and keys so that φ(q)·φ(k) stands in for the
+softmax kernel exp(q·k/√d). Queries have ``num_heads`` heads, keys ``num_kv_heads`` (GQA).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import DistillError
+
+FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
+
+
+class FeatureMap(nn.Module):
+    """Base class. Subclasses set ``self.feature_dim`` and implement :meth:`phi_q` / :meth:`phi_k`.
+
+    phi_q: [B, T, H, D] -> [B, T, H, F];  phi_k: [B, T, Hk, D] -> [B, T, Hk, F].
+    ``positive`` promises φ(q)·φ(k) > 0 for all inputs (a safe normaliser).
+    """
+
+    positive: ClassVar[bool] = True
+    feature_dim: int
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+
+    @classmethod
+    def check(cls, head_dim: int, **kwargs: Any) -> None:
+        """Raise :class:`DistillError` if this map with ``kwargs`` cannot serve ``head_dim``."""
+
+    def phi_q(self, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def phi_k(self, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_feature_map(name: str):
+    """Class decorator: ``@register_feature_map("mine")`` makes ``feature_map="mine"`` work."""
+
+    def wrap(cls: type[FeatureMap]) -> type[FeatureMap]:
+        if name in FEATURE_MAPS:
+            raise ValueError(f"feature map {name!r} is already registered (by {FEATURE_MAPS[name].__qualname__})")
+        if not (inspect.isclass(cls) and issubclass(cls, FeatureMap)):
+            raise TypeError(f"{cls!r} must subclass distill.feature_maps.FeatureMap")
+        FEATURE_MAPS[name] = cls
+        return cls
+
+    return wrap
+
+
+def resolve_feature_map(name: str) -> type[FeatureMap]:
+    """A registered name, or ``"package.module:ClassName"``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise DistillError(f"cannot load feature map {name!r} ({err}); check the module:Class path") from None
+        if not (inspect.isclass(cls) and issubclass(cls, FeatureMap)):
+            raise DistillError(f"feature map {name!r} must be a subclass of distill.feature_maps.FeatureMap")
+        return cls
+    if name not in FEATURE_MAPS:
+        raise DistillError(
+            f"unknown feature map {name!r}; registered: {', '.join(sorted(FEATURE_MAPS))} "
+            "(or give 'package.module:ClassName')"
+        )
+    return FEATURE_MAPS[name]
+
+
+def build_feature_map(name: str, kwargs: dict[str, Any], head_dim: int, num_heads: int, num_kv_heads: int) -> FeatureMap:
+    cls = resolve_feature_map(name)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head_dim", "num_heads", "num_kv_heads"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise DistillError(
+            f"feature map {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}"
+        )
+    cls.check(head_dim, **kwargs)
+    return cls(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **kwargs)

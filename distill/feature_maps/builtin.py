@@ -1,0 +1,217 @@
+"""Built-in feature maps. Shapes: x [B, T, h, D] -> [B, T, h, F], h = heads of that side."""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DistillError
+from .base import FeatureMap, register_feature_map
+
+
+@register_feature_map("elu")
+class EluFeatureMap(FeatureMap):
+    """φ(x) = elu(x) + 1 (Katharopoulos et al., 2020, "Transformers are RNNs")."""
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.feature_dim = head_dim
+
+    def phi_q(self, q):
+        return F.elu(q) + 1
+
+    phi_k = phi_q
+
+
+@register_feature_map("relu")
+class ReluFeatureMap(FeatureMap):
+    """φ(x) = relu(x). φ(q)·φ(k) can be 0; the normaliser's eps keeps it finite."""
+
+    positive = False  # only non-negative
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.feature_dim = head_dim
+
+    def phi_q(self, q):
+        return F.relu(q)
+
+    phi_k = phi_q
+
+
+class _PerHeadLinear(nn.Module):
+    """x [B, T, h, D] -> x W_h + b_h [B, T, h, F]; initialised to the identity (padded/cut to F)."""
+
+    def __init__(self, heads: int, dim_in: int, dim_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(dim_in, dim_out).repeat(heads, 1, 1))  # (h, D, F)
+        self.bias = nn.Parameter(torch.zeros(heads, dim_out))  # (h, F)
+
+    def forward(self, x):
+        return torch.einsum("bthd,hdf->bthf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+
+
+def _check_feature_dim(feature_dim: int | None) -> None:
+    if feature_dim is not None and (not isinstance(feature_dim, int) or feature_dim < 1):
+        raise DistillError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+
+
+@register_feature_map("t2r")
+class T2RFeatureMap(FeatureMap):
+    """φ(x) = relu(W x + b), learned per head (Kasai et al., 2021, "Finetuning Pretrained
+    Transformers into RNNs"). F = ``feature_dim`` (default: head_dim)."""
+
+    positive = False  # non-negative
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, feature_dim: int | None = None):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.feature_dim = feature_dim or head_dim
+        self.proj_q = _PerHeadLinear(num_heads, head_dim, self.feature_dim)
+        self.proj_k = _PerHeadLinear(num_kv_heads, head_dim, self.feature_dim)
+
+    @classmethod
+    def check(cls, head_dim, feature_dim=None):
+        _check_feature_dim(feature_dim)
+
+    def phi_q(self, q):
+        return F.relu(self.proj_q(q))
+
+    def phi_k(self, k):
+        return F.relu(self.proj_k(k))
+
+
+@register_feature_map("hedgehog")
+class HedgehogFeatureMap(FeatureMap):
+    """φ(x) = [softmax(W x), softmax(−W x)], learned per head (Zhang et al., 2024, "The Hedgehog &
+    the Porcupine"). F = 2 · ``feature_dim`` (default feature_dim: head_dim). Each half sums to 1."""
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, feature_dim: int | None = None):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        width = feature_dim or head_dim
+        self.feature_dim = 2 * width
+        self.proj_q = _PerHeadLinear(num_heads, head_dim, width)
+        self.proj_k = _PerHeadLinear(num_kv_heads, head_dim, width)
+
+    @classmethod
+    def check(cls, head_dim, feature_dim=None):
+        _check_feature_dim(feature_dim)
+
+    @staticmethod
+    def _both_signs(x):
+        return torch.cat([torch.softmax(x, dim=-1), torch.softmax(-x, dim=-1)], dim=-1)
+
+    def phi_q(self, q):
+        return self._both_signs(self.proj_q(q))
+
+    def phi_k(self, k):
+        return self._both_signs(self.proj_k(k))
+
+
+@functools.lru_cache(maxsize=None)
+def monomial_index(dim: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Degree-``degree`` monomials of ``dim`` variables with repetition, in
+    ``itertools.combinations_with_replacement`` order (for degree 2: ``torch.triu_indices``
+    row-major). Returns indices [M, degree] and weights sqrt(degree! / Π multiplicity!) [M], so
+    that Σ_m w_m² Π x_i Π y_i = (x·y)^degree."""
+    combos = list(itertools.combinations_with_replacement(range(dim), degree))
+    index = torch.tensor(combos, dtype=torch.long).reshape(len(combos), degree)
+    weight = torch.tensor(
+        [
+            math.sqrt(math.factorial(degree) / math.prod(math.factorial(c.count(i)) for i in set(c)))
+            for c in combos
+        ]
+    )
+    return index, weight
+
+
+class _Monomials(nn.Module):
+    """x [..., r] -> [1, x, w·x⊗x, ...] up to ``degree``: the symmetric tensor powers, flattened.
+    Index tables are derived from (dim, degree), never stored in checkpoints."""
+
+    def __init__(self, dim: int, degree: int):
+        super().__init__()
+        self.dim, self.degree = dim, degree
+        self.sizes = [math.comb(dim + i - 1, i) for i in range(degree + 1)]
+
+    def forward(self, x) -> list[torch.Tensor]:
+        blocks = [x.new_ones(*x.shape[:-1], 1), x]
+        for i in range(2, self.degree + 1):
+            index, weight = monomial_index(self.dim, i)
+            index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
+            blocks.append(x[..., index].prod(dim=-1) * weight)  # (..., M_i)
+        return blocks[: self.degree + 1]
+
+
+@register_feature_map("taylor")
+class TaylorFeatureMap(FeatureMap):
+    """Second-order Taylor map of exp (Arora et al., 2024, "Based"):
+    φ(q)·φ(k) = 1 + s + s²/2 exactly, s = q·k/√d. F = 1 + D + D(D+1)/2."""
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.monomials = _Monomials(head_dim, 2)
+        self.feature_dim = sum(self.monomials.sizes)
+        self.scale = head_dim**-0.25
+
+    def phi_q(self, q):
+        one, lin, quad = self.monomials(q * self.scale)
+        return torch.cat([one, lin, quad * math.sqrt(0.5)], dim=-1)
+
+    phi_k = phi_q
+
+
+@register_feature_map("poly")
+class PolyFeatureMap(FeatureMap):
+    """Degree-p polynomial kernel with per-query-head coefficients and an optional projection:
+
+        q̃ = Pᵀq / d^¼,  k̃ = Pᵀk / d^¼,   φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i
+
+    P [Hk, D, r] is shared by a kv head and its query heads (identity when ``rank`` is None).
+    Coefficients sit on the query side (φ_q's degree-i block is scaled by c_i), so any sign is
+    allowed; a positive normaliser needs p(s) > 0, which the fit stage enforces.
+    Starts at c_i = 1/i!, i.e. the Taylor series of exp. F = Σ_i C(r+i−1, i).
+    """
+
+    positive = False  # depends on the fitted coefficients
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, degree: int = 2, rank: int | None = None):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.degree, self.rank = degree, rank or head_dim
+        self.monomials = _Monomials(self.rank, degree)
+        self.feature_dim = sum(self.monomials.sizes)
+        self.scale = head_dim**-0.25
+        coeffs = torch.tensor([1 / math.factorial(i) for i in range(degree + 1)])
+        self.coeffs = nn.Parameter(coeffs.repeat(num_heads, 1))  # (H, p+1)
+        self.proj = nn.Parameter(torch.eye(head_dim, self.rank).repeat(num_kv_heads, 1, 1)) if rank else None  # (Hk, D, r)
+
+    @classmethod
+    def check(cls, head_dim, degree=2, rank=None):
+        if not isinstance(degree, int) or not 1 <= degree <= 4:
+            raise DistillError(f"poly degree must be an integer in 1..4, got {degree!r}")
+        if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= head_dim):
+            raise DistillError(f"poly rank must be an integer in 1..head_dim={head_dim}, got {rank!r}")
+
+    def project_q(self, q):
+        """q [B,T,H,D] -> q̃ [B,T,H,r] (each query head uses its kv head's projection)."""
+        if self.proj is None:
+            return q * self.scale
+        proj = self.proj.to(q.dtype).repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)  # (H, D, r)
+        return torch.einsum("bthd,hdr->bthr", q, proj) * self.scale
+
+    def project_k(self, k):
+        """k [B,T,Hk,D] -> k̃ [B,T,Hk,r]."""
+        if self.proj is None:
+            return k * self.scale
+        return torch.einsum("bthd,hdr->bthr", k, self.proj.to(k.dtype)) * self.scale
+
+    def phi_q(self, q):
+        blocks = self.monomials(self.project_q(q))
+        coeffs = self.coeffs.to(q.dtype)  # (H, p+1)
+        return torch.cat([b * coeffs[:, i, None] for i, b in enumerate(blocks)], dim=-1)
+
+    def phi_k(self, k):
+        return torch.cat(self.monomials(self.project_k(k)), dim=-1)

@@ -1,0 +1,223 @@
+"""The replacement for one softmax attention layer: stacked linear-RNN sublayers.
+
+Sublayer 1 reuses the teacher's q/k/v/o projections, q/k norms, RoPE and GQA (the modules are
+shared, not copied). With queries q_t, keys k_s and values v_s after RoPE:
+
+    window = 0:   y_t = φ(q_t)ᵀS_t / (φ(q_t)ᵀz_t + ε)        (normalised causal linear attention)
+    window = w:   y_t = (Σ_{t-w<s≤t} e^{s_ts − m_t} v_s + g_h e^{−m_t} φ(q_t)ᵀS_{t−w})
+                        / (Σ_{t-w<s≤t} e^{s_ts − m_t}     + g_h e^{−m_t} φ(q_t)ᵀz_{t−w} + ε)
+
+where s_ts = q_t·k_s/√d, m_t = max(0, max_s s_ts) over the window, S/z sum only keys older than
+the window, and g_h = exp(log_mix_h) is a learned per-head mixing factor (LoLCATs-style hybrid,
+one shared normalisation). A per-kv-head decay γ multiplies S and z at each step when enabled.
+
+Sublayer j ≥ 2 reads the previous sublayer's per-head output y^{j−1} [B,T,H,D]:
+
+    y^j = y^{j−1} + W_o^j · LinAttn(φ_j(W_q^j y^{j−1}), φ_j(W_k^j y^{j−1}), W_v^j y^{j−1})
+
+with per-head D×D projections (W_q, W_k, W_v start as the identity, W_o as zero, so a deeper
+stack starts exactly equal to depth 1), its own feature map, decay and recurrent state, and no
+window. The layer returns o_proj(y^depth).
+
+Modes (``distill_mode=`` on the model's forward, or ``mode=`` here) are explicit:
+``auto`` (chunked for prefill, recurrent for one token), ``parallel``, ``recurrent`` and
+``teacher`` (the teacher's own softmax attention from the shared projections).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .architectures import Architecture
+from .cache import RecurrentLayer
+from .config import ConvertConfig
+from .rnn import LinearRNN
+
+MODES = ("auto", "parallel", "recurrent", "teacher")
+QUERY_BLOCK = 256  # queries per block in the windowed softmax
+
+
+class StackSublayer(nn.Module):
+    """Sublayer j ≥ 2: a residual linear-attention correction over the previous output."""
+
+    def __init__(self, cfg: ConvertConfig, head_dim: int, num_heads: int):
+        super().__init__()
+        self.rnn = LinearRNN(cfg, head_dim, num_heads, num_heads)
+        eye = torch.eye(head_dim).repeat(num_heads, 1, 1)  # (H, D, D)
+        self.w_q, self.w_k, self.w_v = (nn.Parameter(eye.clone()) for _ in range(3))
+        self.w_o = nn.Parameter(torch.zeros_like(eye))
+
+    def forward(self, x, valid, state, recurrent: bool, eps: float):
+        """x [B,T,H,D] fp32 -> (x + correction [B,T,H,D] fp32, state [B,H,F,D+1])."""
+        xw = x.to(self.w_q.dtype)
+        q, k, v = (torch.einsum("bthd,hde->bthe", xw, w) for w in (self.w_q, self.w_k, self.w_v))
+        fm = self.rnn.feature_map
+        o, state = self.rnn.scan(fm.phi_q(q), fm.phi_k(k), v, valid, state, recurrent)
+        u = o[..., :-1] / (o[..., -1:] + eps)  # (B, T, H, D)
+        return x + torch.einsum("bthd,hde->bthe", u, self.w_o.float()), state
+
+
+def teacher_mask(T: int, valid: torch.Tensor | None, window: int | None, device) -> torch.Tensor:
+    """Boolean [B|1, 1, T, T]: causal, inside the teacher's sliding window, and not padding.
+    Each query always sees itself so that padded rows stay finite."""
+    i = torch.arange(T, device=device)
+    lag = i[:, None] - i[None, :]
+    mask = lag >= 0
+    if window:
+        mask = mask & (lag < window)
+    mask = mask[None, None]
+    if valid is not None:
+        mask = mask & (valid[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device))
+    return mask
+
+
+def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
+    """Unnormalised softmax over a sliding window.
+
+    q [B,T,H,D]; k_all, v_all [B,w+T,Hk,D]; valid_all [B,w+T]. Query t sees k_all[t+1 : t+w+1]
+    (itself and the w−1 keys before it). Returns num [B,T,H,D], den [B,T,H] and the shift
+    m [B,T,H] = max(0, largest visible score), with num/den computed as Σ e^{s−m}(v, 1).
+    """
+    B, T, H, D = q.shape
+    Hk = k_all.shape[2]
+    nums, dens, maxes = [], [], []
+    for a in range(0, T, QUERY_BLOCK):
+        b = min(T, a + QUERY_BLOCK)
+        qb = q[:, a:b].float().reshape(B, b - a, Hk, H // Hk, D)  # (B, n, Hk, G, D)
+        kb, vb = k_all[:, a + 1 : b + window].float(), v_all[:, a + 1 : b + window].float()  # (B, n+w-1, Hk, D)
+        scores = torch.einsum("btigd,bsid->bigts", qb, kb) * scaling  # (B, Hk, G, n, n+w-1)
+        rel = torch.arange(kb.shape[1], device=q.device)[None, :] - torch.arange(b - a, device=q.device)[:, None]
+        visible = (rel >= 0) & (rel < window)  # (n, n+w-1)
+        visible = visible[None, None, None] & valid_all[:, None, None, None, a + 1 : b + window]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        m = scores.amax(dim=-1).clamp(min=0)  # (B, Hk, G, n)
+        e = torch.exp(scores - m[..., None])
+        nums.append(torch.einsum("bigts,bsid->btigd", e, vb).reshape(B, b - a, H, D))
+        dens.append(e.sum(-1).permute(0, 3, 1, 2).reshape(B, b - a, H))
+        maxes.append(m.permute(0, 3, 1, 2).reshape(B, b - a, H))
+    return torch.cat(nums, 1), torch.cat(dens, 1), torch.cat(maxes, 1)
+
+
+class LinearAttention(nn.Module):
+    """Drop-in replacement for a decoder layer's ``self_attn`` (see the module docstring)."""
+
+    def __init__(self, attn: nn.Module, cfg: ConvertConfig, config, layer_idx: int, arch: Architecture):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = attn.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = attn.scaling
+        self.teacher_window = arch.teacher_window(config, layer_idx)
+        self.window, self.eps, self.depth = cfg.window, cfg.eps, cfg.depth
+        # Shared with the teacher: same Parameter objects, same state-dict names.
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.qk_norm = arch.qk_norm
+        if arch.qk_norm:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.rnn = LinearRNN(cfg, self.head_dim, self.num_heads, self.num_kv_heads)
+        if cfg.window:
+            self.log_mix = nn.Parameter(torch.zeros(self.num_heads))  # g_h = exp(log_mix)
+        self.stack = nn.ModuleList(StackSublayer(cfg, self.head_dim, self.num_heads) for _ in range(cfg.depth - 1))
+
+    def project(self, hidden_states, position_embeddings):
+        """hidden [B,T,hidden] -> q [B,T,H,D], k [B,T,Hk,D] (normed, rotated), v [B,T,Hk,D]."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        return q, k, v
+
+    def teacher_attention(self, q, k, v, valid=None):
+        """The teacher's softmax attention: [B,T,H,D] x2 -> y [B,T,H,D]."""
+        T = q.shape[1]
+        mask = teacher_mask(T, valid, self.teacher_window, q.device)
+        y = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scaling, enable_gqa=True
+        )  # (B, H, T, D)
+        return y.transpose(1, 2)
+
+    def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
+        """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
+        states = layer_cache.states if layer_cache is not None and layer_cache.states else [None] * self.depth
+        fm = self.rnn.feature_map
+        phi_q = fm.phi_q(q)  # (B, T, H, F)
+        window_cache = None
+        if not self.window:
+            o, state = self.rnn.scan(phi_q, fm.phi_k(k), v, valid, states[0], recurrent)  # (B, T, H, D+1)
+            y = o[..., :-1] / (o[..., -1:] + self.eps)
+        else:
+            y, state, window_cache = self._hybrid(q, k, v, phi_q, valid, layer_cache, states[0], recurrent)
+        new_states = [state]
+        for sub, sub_state in zip(self.stack, states[1:]):
+            y, sub_state = sub(y, valid, sub_state, recurrent, self.eps)
+            new_states.append(sub_state)
+        if layer_cache is not None:
+            layer_cache.store(new_states, window_cache, q.shape[1])
+        return y
+
+    def _hybrid(self, q, k, v, phi_q, valid, layer_cache, state, recurrent):
+        B, T, H, D = q.shape
+        w = self.window
+        if layer_cache is not None and layer_cache.window is not None:
+            wk, wv, wvalid = layer_cache.window
+        else:
+            wk, wv = k.new_zeros(B, w, self.num_kv_heads, D), v.new_zeros(B, w, self.num_kv_heads, D)
+            wvalid = torch.zeros(B, w, dtype=torch.bool, device=q.device)
+        cur_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
+        k_all, v_all = torch.cat([wk, k], 1), torch.cat([wv, v], 1)  # (B, w+T, Hk, D)
+        valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
+        # Keys leave the window w steps after they arrive: the linear state reads k_all shifted by w.
+        o_lin, state = self.rnn.scan(phi_q, self.rnn.feature_map.phi_k(k_all[:, :T]), v_all[:, :T], valid_all[:, :T], state, recurrent)
+        log_decay = self.rnn.log_decay()
+        if log_decay is not None:  # the shifted stream lags by w steps of decay
+            lag = torch.exp(log_decay.float() * w).repeat_interleave(H // self.num_kv_heads)  # (H,)
+            o_lin = o_lin * lag[None, None, :, None]
+        num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling)
+        scale = torch.exp(self.log_mix.float())[None, None, :] * torch.exp(-m)  # (B, T, H)
+        y = (num + scale[..., None] * o_lin[..., :-1]) / (den + scale * o_lin[..., -1] + self.eps)[..., None]
+        return y, state, (k_all[:, -w:], v_all[:, -w:], valid_all[:, -w:])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask=None,
+        cache=None,
+        distill_mode: str | None = None,
+        distill_padding_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """hidden [B,T,hidden] -> (out [B,T,hidden], None). ``distill_padding_mask`` is the 2D
+        attention mask [B, ≥T] (1 = token); its last T columns cover these tokens."""
+        mode = distill_mode or "auto"
+        if mode not in MODES:
+            raise ValueError(f"distill_mode must be one of {', '.join(MODES)}, got {mode!r}")
+        B, T, _ = hidden_states.shape
+        valid = None
+        if distill_padding_mask is not None:
+            valid = distill_padding_mask[:, -T:].bool()
+            valid = None if bool(valid.all()) else valid
+        q, k, v = self.project(hidden_states, position_embeddings)
+        if mode == "teacher":
+            if cache is not None:
+                raise ValueError("teacher mode runs without a cache; call the model with use_cache=False")
+            y = self.teacher_attention(q, k, v, valid)
+        else:
+            layer_cache = None
+            if cache is not None:
+                layer_cache = cache.layers[self.layer_idx]
+                if not isinstance(layer_cache, RecurrentLayer):
+                    raise ValueError(
+                        f"layer {self.layer_idx} needs a distill RecurrentCache, got {type(cache).__name__}; "
+                        "let the model create its cache (do not pass a DynamicCache)"
+                    )
+            recurrent = mode == "recurrent" or (mode == "auto" and T == 1)
+            y = self.student_attention(q, k, v, valid, layer_cache, recurrent)
+        out = self.o_proj(y.to(hidden_states.dtype).reshape(B, T, self.num_heads * self.head_dim))
+        return out, None
