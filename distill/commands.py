@@ -1,1 +1,2 @@
 """Imports every module that registers a CLI subcommand."""
+from .eval import command as _eval  # noqa: F401  distill eval

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -43,7 +44,9 @@ class DistillMixin:
         layers = get_architecture(self.config.model_type).decoder_layers(self)
         return RecurrentCache([isinstance(layer.self_attn, LinearAttention) for layer in layers])
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, distill_mode=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, distill_mode=None, **kwargs
+    ):
         """As the teacher's forward, plus ``distill_mode`` (auto | parallel | recurrent | teacher)."""
         if "past_key_values" in kwargs:  # transformers' deprecated spelling
             cache = kwargs.pop("past_key_values")
@@ -55,6 +58,7 @@ class DistillMixin:
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
             distill_mode=distill_mode,
@@ -190,6 +194,6 @@ def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, dev
         model = model_cls.from_pretrained(path, **kwargs)
     except DistillError:
         raise
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise DistillError(f"cannot load weights from {path} ({str(err).splitlines()[0]}); the checkpoint may be corrupt") from None
     return model.to(device) if device is not None else model

@@ -123,7 +123,8 @@ def monomial_index(dim: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
         [
             math.sqrt(math.factorial(degree) / math.prod(math.factorial(c.count(i)) for i in set(c)))
             for c in combos
-        ]
+        ],
+        dtype=torch.float64,
     )
     return index, weight
 

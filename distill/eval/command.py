@@ -1,0 +1,53 @@
+"""``distill eval``: lm-eval quality checks of a model, side by side with its teacher."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..cli import Command, register_command
+from ..errors import DistillError
+
+log = logging.getLogger(__name__)
+
+
+@register_command
+class EvalCommand(Command):
+    name = "eval"
+    help = "score a model (and its teacher) with lm-eval; writes JSON and a Markdown table"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model", metavar="MODEL_OR_DIR",
+                            help="student: converted folder, HF folder, hub id, .gguf file or 'demo'")
+        parser.add_argument("--teacher", metavar="MODEL", help="teacher to compare with (any MODEL form, GGUF included)")
+        parser.add_argument("--tasks", required=True,
+                            help="comma-separated lm-eval tasks or a suite: offline (no hub needed), zero-shot, mmlu")
+        parser.add_argument("--include-path", metavar="DIR", help="extra folder of lm-eval task YAML files")
+        parser.add_argument("--limit", type=int, help="score only the first N examples of each task (smoke tests)")
+        parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
+        parser.add_argument("--max-length", type=int,
+                            help="context window in tokens; rolling perplexity depends on it (default 2048, "
+                                 "capped by the model's max_position_embeddings)")
+        parser.add_argument("--out", required=True, type=Path, metavar="FILE.json",
+                            help="report: JSON with every metric; the Markdown table goes beside it as FILE.md")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from .runner import run, write_report
+
+        if args.out.suffix != ".json":
+            raise DistillError(f"--out must name a .json file, got {args.out}")
+        report = run(
+            {"student": args.model, "teacher": args.teacher},
+            args.tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+        md = write_report(report, args.out)
+        log.info("\n%s", report["markdown"])
+        log.info("wrote %s and %s", args.out, md)
+        log.info("%s", report["summary"])
+        return 0

@@ -1,0 +1,243 @@
+"""Run lm-eval on in-memory models and compare a student with its teacher.
+
+Each model is wrapped in lm-eval's ``HFLM`` (no second download, no ``trust_remote_code``) and
+scored by ``lm_eval.simple_evaluate``. The report holds lm-eval's own results for both models,
+one row per (task, metric) with the student's recovery of the teacher's score, a RADLADS-style
+relative score for multiple-choice accuracy (chance subtracted), and a one-line summary.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DistillError
+from . import tasks as T
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 2048
+BOOTSTRAP_ITERS = 1000  # lm-eval bootstraps stderr only for a few metrics; 100k draws is minutes on CPU
+MC_METRICS = ("acc", "acc_norm")
+
+
+def max_length_for(model, requested: int | None) -> int:
+    """The context lm-eval may use: ``requested``, else 2048 capped by the model's positions."""
+    if requested is not None:
+        if requested < 2:
+            raise DistillError(f"--max-length must be at least 2, got {requested}")
+        return requested
+    positions = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+    return min(DEFAULT_MAX_LENGTH, positions)
+
+
+def evaluate_model(model, tokenizer, tasks: list[Any], *, manager=None, batch_size: int = 8,
+                   max_length: int | None = None, limit: int | None = None) -> dict[str, Any]:
+    """lm-eval results of one model on ``tasks`` (names, config dicts or Task/Group objects)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model.eval()
+    # Rolling perplexity splits text into windows of max_length tokens, so it is always explicit.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length_for(model, max_length))
+    results = simple_evaluate(
+        model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
+    )
+    results.pop("samples", None)
+    return results
+
+
+@dataclass
+class Row:
+    """One metric of one task. ``recovery`` and ``relative`` are percentages, None without a teacher."""
+
+    task: str
+    metric: str
+    student: float
+    teacher: float | None = None
+    higher_is_better: bool = True
+    chance: float | None = None
+
+    @property
+    def recovery(self) -> float | None:
+        """student/teacher, or teacher/student where lower is better (perplexity, bits per byte)."""
+        t, s = self.teacher, self.student
+        if t is None or not (_finite(t) and _finite(s)) or (t if self.higher_is_better else s) == 0:
+            return None
+        return 100 * (s / t if self.higher_is_better else t / s)
+
+    @property
+    def relative(self) -> float | None:
+        """(student - chance) / (teacher - chance), RADLADS-style; multiple-choice accuracy only."""
+        if self.chance is None or self.teacher is None or self.teacher == self.chance or self.metric not in MC_METRICS:
+            return None
+        return 100 * (self.student - self.chance) / (self.teacher - self.chance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"recovery": self.recovery, "relative": self.relative}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
+    """``{metric: value}`` of one task in lm-eval results; stderr and the ``none`` filter dropped."""
+    out = {}
+    for key, value in results["results"].get(task, {}).items():
+        metric, _, filt = key.partition(",")
+        if key == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+    return out
+
+
+def compare(student: dict[str, Any], teacher: dict[str, Any] | None, names: list[str],
+            chance: dict[str, float], headline: dict[str, str] | None = None) -> list[Row]:
+    """Rows for the top-level tasks ``names``, headline metric first within each task."""
+    rows = []
+    for task in names:
+        s, t = task_metrics(student, task), task_metrics(teacher, task) if teacher else {}
+        better = student.get("higher_is_better", {}).get(task, {})
+        first = (headline or {}).get(task)
+        for metric in sorted(s, key=lambda m: m != first):
+            rows.append(Row(task, metric, s[metric], t.get(metric), better.get(metric.split(",")[0], True), chance.get(task)))
+    return rows
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    if pct:
+        return f"{x:.1f}"
+    return f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| task | metric | teacher | student | recovery % | relative % |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.task} | {r.metric} | {_fmt(r.teacher)} | {_fmt(r.student)} | {_fmt(r.recovery, True)} | {_fmt(r.relative, True)} |"
+        )
+    lines += [
+        "",
+        "recovery = student / teacher; for lower-is-better metrics (perplexities, bits_per_byte) it is "
+        "teacher / student, so 100% means as good as the teacher either way. relative = (student - chance) / "
+        "(teacher - chance) for multiple-choice accuracy (RADLADS-style), chance = mean of 1 / number of choices.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[Row], headline: dict[str, str], wall: dict[str, float]) -> str:
+    """One line: mean recovery and relative score over each task's headline metric."""
+    firsts = {}
+    for r in rows:
+        if headline.get(r.task, r.metric) == r.metric:
+            firsts.setdefault(r.task, r)
+    heads = list(firsts.values())
+    times = ", ".join(f"{role} {sec:.0f} s" for role, sec in wall.items())
+    if all(r.teacher is None for r in heads):
+        scores = "; ".join(f"{r.task} {r.metric} {_fmt(r.student)}" for r in heads)
+        return f"student on {len(heads)} task(s): {scores} (wall: {times})"
+    rec = [r.recovery for r in heads if r.recovery is not None]
+    rel = [r.relative for r in heads if r.relative is not None]
+    text = f"student recovers {sum(rec) / max(len(rec), 1):.1f}% of the teacher (mean over {len(rec)} task(s)"
+    if rel:
+        text += f"; relative {sum(rel) / len(rel):.1f}% over {len(rel)} multiple-choice task(s), chance subtracted"
+    return text + f"; wall: {times})"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@functools.lru_cache(maxsize=4)
+def _manager(include_path: str | None):
+    return T.task_manager(include_path)  # indexing every lm-eval YAML takes seconds; reuse it
+
+
+def _top_name(obj) -> str:
+    return getattr(obj, "task_name", None) or obj.name
+
+
+def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
+        batch_size: int = 8, max_length: int | None = None, loader: Callable | None = None) -> dict[str, Any]:
+    """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``.
+
+    Tasks are resolved, and their data fetched, before any model is loaded, so a bad task name or
+    a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec)`` ->
+    ``(model, tokenizer)``, default :func:`distill.models.load_model`) and freed after their run.
+    """
+    if loader is None:
+        from ..models import load_model as loader
+    if limit is not None and limit < 1:
+        raise DistillError(f"--limit must be a positive number of examples, got {limit}")
+    if batch_size < 1:
+        raise DistillError(f"--batch-size must be at least 1, got {batch_size}")
+    manager = _manager(str(include_path) if include_path else None)
+    plan = T.resolve_tasks(tasks, manager)
+    T.prepare_offline_data(plan)
+    objects = T.load_tasks(plan, manager)
+    names = [_top_name(o) for o in objects]
+    chance = T.chance_levels(objects, limit)
+
+    results: dict[str, dict[str, Any]] = {}
+    wall: dict[str, float] = {}
+    lengths: dict[str, int] = {}
+    for role in ("teacher", "student"):
+        if models.get(role) is None:
+            continue
+        start = time.perf_counter()
+        model, tokenizer = loader(models[role])
+        lengths[role] = max_length_for(model, max_length)
+        objects = objects or T.load_tasks(plan, manager)  # fresh Task objects for each model
+        log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])
+        results[role] = evaluate_model(
+            model, tokenizer, objects, manager=manager, batch_size=batch_size, max_length=lengths[role], limit=limit
+        )
+        objects = None
+        del model, tokenizer
+        wall[role] = time.perf_counter() - start
+
+    rows = compare(results["student"], results.get("teacher"), names, chance, plan.headline)
+    line = summary(rows, plan.headline, wall)
+    return {
+        "tasks": names,
+        "models": {role: models.get(role) for role in ("student", "teacher")},
+        "settings": {"limit": limit, "batch_size": batch_size, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
+        "wall_time_s": wall,
+        "chance": chance,
+        "rows": [r.to_dict() for r in rows],
+        "summary": line,
+        "markdown": markdown(rows),
+        "lm_eval": {"student": results["student"], "teacher": results.get("teacher")},
+    }
+
+
+def write_report(report: dict[str, Any], out: Path) -> Path:
+    """``out`` (JSON, with lm-eval's ``handle_non_serializable``) and the table beside it as ``.md``."""
+    from lm_eval.utils import handle_non_serializable
+
+    write_atomic(out, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
+    md = out.with_suffix(".md")
+    write_atomic(md, f"# distill eval\n\n{report['markdown']}\n{report['summary']}\n")
+    return md

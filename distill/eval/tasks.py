@@ -1,0 +1,283 @@
+"""Which lm-eval tasks ``distill eval`` runs: suites, name checks, and the data of the offline tasks.
+
+Offline tasks are lm-eval YAML files in ``configs/tasks/``. Their data never comes from the
+Hugging Face hub: each YAML names a ``custom_dataset`` function defined here, which reads
+files that :mod:`distill.assets` and :func:`fetch_bigbench` fetched once from PyPI.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ..assets import cache_dir
+from ..data import wiki_texts
+from ..errors import DistillError
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named list of tasks. ``headline`` maps each task to the metric the papers report."""
+
+    headline: dict[str, str]
+    num_fewshot: int | None = None
+    offline: bool = False
+
+
+SUITES: dict[str, Suite] = {
+    # The protocol of LoLCATs / Liger: 0-shot, acc or acc_norm per task.
+    "zero-shot": Suite(
+        {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc"},
+        num_fewshot=0,
+    ),
+    "mmlu": Suite({"mmlu": "acc"}, num_fewshot=5),
+    "offline": Suite(
+        {
+            "wiki_heldout_ppl": "word_perplexity",
+            "bigbench_goal_inference": "acc",
+            "bigbench_step_inference": "acc",
+            "bigbench_social_iqa": "acc",
+            "bigbench_timedial": "acc",
+        },
+        num_fewshot=0,
+        offline=True,
+    ),
+}
+
+# BIG-bench multiple-choice tasks: cache name -> folder of its task.json inside the sdist.
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+BIGBENCH_TASKS = {
+    "goal_inference": "goal_step_wikihow/goal_inference",
+    "step_inference": "goal_step_wikihow/step_inference",
+    "social_iqa": "social_iqa",
+    "timedial": "timedial",
+}
+
+
+@dataclass
+class TaskPlan:
+    """What to run: top-level lm-eval names (tasks, groups or tags) and their settings."""
+
+    names: list[str]
+    headline: dict[str, str] = field(default_factory=dict)
+    num_fewshot: dict[str, int] = field(default_factory=dict)
+    offline: bool = True  # every task reads local data only
+
+
+def task_manager(include_path: str | Path | None = None):
+    """An lm-eval ``TaskManager`` that knows the built-in tasks, ours, and ``include_path``."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [TASKS_DIR] + ([Path(include_path)] if include_path else [])
+    for path in paths:
+        if not path.is_dir():
+            raise DistillError(f"task folder {path} does not exist; give --include-path a folder of lm-eval YAML files")
+    return TaskManager(include_path=[str(p) for p in paths])
+
+
+def _is_builtin(manager, name: str) -> bool:
+    entry = manager.task_index.get(name)
+    if entry is None:
+        return False
+    paths = [entry.yaml_path] if entry.yaml_path else [manager.task_index[t].yaml_path for t in entry.tags]
+    ours = [TASKS_DIR] + [Path(p) for p in (manager.include_path or [])]
+    return any(p is not None and not any(Path(p).is_relative_to(root) for root in ours) for p in paths)
+
+
+def resolve_tasks(spec: str, manager) -> TaskPlan:
+    """Expand ``--tasks`` (comma-separated task, group, tag or suite names) into a :class:`TaskPlan`."""
+    plan = TaskPlan(names=[])
+    known = sorted(SUITES) + manager.all_tasks
+    for name in (part.strip() for part in spec.split(",")):
+        if not name:
+            continue
+        if name in SUITES:
+            suite = SUITES[name]
+            new = [t for t in suite.headline if t not in plan.names]
+            plan.names += new
+            plan.headline.update(suite.headline)
+            if suite.num_fewshot is not None:
+                plan.num_fewshot.update({t: suite.num_fewshot for t in new})
+            plan.offline &= suite.offline
+        elif name in manager.all_tasks:
+            if name not in plan.names:
+                plan.names.append(name)
+            plan.offline &= not _is_builtin(manager, name)
+        else:
+            close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"suites: {', '.join(sorted(SUITES))}"
+            raise DistillError(f"unknown task {name!r}; {hint} (lm-eval --tasks list shows every task)")
+    if not plan.names:
+        raise DistillError(f"--tasks is empty; give task names or a suite ({', '.join(sorted(SUITES))})")
+    return plan
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers on its HTTPS port (False when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+HUB_NEEDED = "the dataset of {task} needs the Hugging Face hub, which is unreachable; run --tasks offline instead"
+
+
+def load_tasks(plan: TaskPlan, manager) -> list[Any]:
+    """Build the lm-eval Task/Group objects of ``plan`` (reads or downloads their data).
+
+    Built-in tasks fetch their datasets from the hub; offline, that fails with one clear line.
+    """
+    if not plan.offline and not hub_reachable() and not os.environ.get("HF_DATASETS_OFFLINE"):
+        first = next(n for n in plan.names if n not in SUITES["offline"].headline)
+        raise DistillError(HUB_NEEDED.format(task=first))
+    objects = []
+    for name in plan.names:
+        try:
+            loaded = manager.load([name])
+        except OSError as err:  # ConnectionError, LocalEntryNotFoundError, a dataset missing from the cache
+            raise DistillError(HUB_NEEDED.format(task=name)) from err
+        top = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+        if name in plan.num_fewshot:
+            for task in loaded["tasks"].values():
+                task.set_config(key="num_fewshot", value=plan.num_fewshot[name])
+        objects += top
+    return objects
+
+
+def chance_levels(objects: list[Any], limit: int | None = None) -> dict[str, float]:
+    """Expected accuracy of a uniform guess, per multiple-choice task and group (size-weighted)."""
+    from lm_eval.api.group import Group
+
+    chance: dict[str, tuple[float, int]] = {}
+
+    def visit(obj) -> tuple[float, int] | None:
+        if isinstance(obj, Group):
+            parts = [p for p in (visit(child) for child in obj) if p is not None]
+            if not parts:
+                return None
+            n = sum(k for _, k in parts)
+            chance[obj.name] = (sum(c * k for c, k in parts) / n, n)
+            return chance[obj.name]
+        if obj.get_config("output_type") != "multiple_choice":
+            return None
+        docs = list(obj.eval_docs)[:limit] if limit else list(obj.eval_docs)
+        if not docs:
+            return None
+        chance[obj.task_name] = (sum(1 / len(obj.doc_to_choice(d)) for d in docs) / len(docs), len(docs))
+        return chance[obj.task_name]
+
+    for obj in objects:
+        visit(obj)
+    return {name: c for name, (c, _) in chance.items()}
+
+
+# --- offline data -------------------------------------------------------------------------------
+
+
+def wiki_heldout_dataset(**_: Any):
+    """``custom_dataset`` of ``wiki_heldout_ppl``: the held-out Wikipedia summaries, one per doc."""
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({"test": Dataset.from_dict({"text": wiki_texts("heldout")})})
+
+
+def bigbench_dir() -> Path:
+    return cache_dir() / BIGBENCH_REQUIREMENT.replace("==", "-")
+
+
+def fetch_bigbench() -> Path:
+    """Folder holding ``<name>.json`` for each of :data:`BIGBENCH_TASKS`; downloads the sdist once.
+
+    The 358 MB sdist is downloaded with pip into a temporary folder, only the task.json files are
+    kept, and the folder appears under its final name in one rename, so a half-done fetch is never
+    mistaken for a finished one.
+    """
+    target = bigbench_dir()
+    if all((target / f"{name}.json").is_file() for name in BIGBENCH_TASKS):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("fetching BIG-bench tasks from the %s sdist on the package index (once, 358 MB)", BIGBENCH_REQUIREMENT)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
+        done = subprocess.run(cmd + [BIGBENCH_REQUIREMENT], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode != 0 or not sdists:
+            raise DistillError(
+                f"could not download {BIGBENCH_REQUIREMENT} ({done.stderr.strip()[-200:]}); "
+                "check that the package index is reachable"
+            )
+        staged = Path(tmp) / "tasks"
+        staged.mkdir()
+        wanted = {f"bigbench/benchmark_tasks/{folder}/task.json": name for name, folder in BIGBENCH_TASKS.items()}
+        with tarfile.open(sdists[0], "r:gz") as tar:
+            for member in tar:
+                name = wanted.get(member.name.split("/", 1)[-1])  # drop the "bigbench-1.0.0/" root
+                if name and member.isfile():
+                    (staged / f"{name}.json").write_bytes(tar.extractfile(member).read())
+        missing = sorted(set(BIGBENCH_TASKS) - {p.stem for p in staged.iterdir()})
+        if missing:
+            raise DistillError(f"{sdists[0].name} lacks the task files of {', '.join(missing)}")
+        if target.exists():  # an incomplete earlier copy
+            os.replace(target, Path(tmp) / "old")
+        os.replace(staged, target)
+    return target
+
+
+def bigbench_docs(name: str) -> list[dict[str, Any]]:
+    """Rows ``{inputs, choices, label}`` of a BIG-bench JSON task, prompted as BIG-bench does 0-shot.
+
+    The prompt is task prefix + input prefix + input + (the choices, when the task appends them)
+    + output prefix; the BIG-bench defaults are ``"Q: "``, ``"\\n  choice: "`` and ``"\\nA: "``.
+    """
+    task = json.loads((fetch_bigbench() / f"{name}.json").read_text(encoding="utf-8"))
+    prefix = (task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ")).lstrip("\n")
+    choice_prefix = task.get("choice_prefix", "\n  choice: ")
+    append = task.get("append_choices_to_input", True)
+    out_prefix = task.get("example_output_prefix", "\nA: ")
+    rows = []
+    for example in task["examples"]:
+        choices = [c.strip() for c in example["target_scores"]]
+        scores = list(example["target_scores"].values())
+        listed = "".join(choice_prefix + c for c in choices) if append else ""
+        prompt = prefix + example["input"].rstrip() + listed + out_prefix
+        rows.append({"inputs": prompt.rstrip(), "choices": choices, "label": scores.index(max(scores))})
+    return rows
+
+
+def bigbench_dataset(subtask: str, **_: Any):
+    """``custom_dataset`` of the ``bigbench_*`` YAMLs (``dataset_kwargs: {subtask: NAME}``)."""
+    from datasets import Dataset, DatasetDict
+
+    if subtask not in BIGBENCH_TASKS:
+        raise DistillError(f"unknown BIG-bench subtask {subtask!r}; known: {', '.join(BIGBENCH_TASKS)}")
+    return DatasetDict({"test": Dataset.from_list(bigbench_docs(subtask))})
+
+
+def prepare_offline_data(plan: TaskPlan) -> None:
+    """Fetch what the offline tasks in ``plan`` read, before any model is loaded."""
+    offline = SUITES["offline"].headline
+    if any(n.startswith("bigbench_") and n in offline for n in plan.names):
+        fetch_bigbench()
+    if "wiki_heldout_ppl" in plan.names:
+        wiki_texts("heldout")
