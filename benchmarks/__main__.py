@@ -1,0 +1,35 @@
+"""python -m benchmarks --out DIR [--quick] [--cases decode,prefill,...] [--student DIR]"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import model_cases  # noqa: F401  (registers cases)
+from .runner import CASES, Context, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--out", required=True, type=Path, help="folder for results.json, results.md and plots")
+    parser.add_argument("--quick", action="store_true", help="small sizes (minutes, not an hour)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    parser.add_argument("--student", default=None, help="converted model folder (default: demo model converted, untrained)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(names, Context(out=args.out, quick=args.quick, student_dir=args.student, threads=args.threads))
+    logging.getLogger("benchmarks").info("wrote %s", args.out / "results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

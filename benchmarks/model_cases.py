@@ -1,0 +1,241 @@
+"""Teacher vs student on the demo model: decode latency, prefill throughput, state memory."""
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from distill import ConvertConfig, convert_model, load_converted
+from distill.models import load_model
+
+from .runner import Context, Result, case, median_time
+
+DEMO_STUDENT = ConvertConfig(feature_map="hedgehog", window=64)
+
+
+def teacher(ctx: Context):
+    return ctx.memo("teacher", lambda: load_model("demo")[0])
+
+
+def student(ctx: Context):
+    def build():
+        if ctx.student_dir:
+            return load_converted(ctx.student_dir).eval()
+        return convert_model(copy.deepcopy(teacher(ctx)), DEMO_STUDENT).eval()
+
+    return ctx.memo("student", build)
+
+
+def kv_bytes(cache: DynamicCache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+
+
+@torch.no_grad()
+def _greedy(model, ids, steps, use_cache):
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, use_cache=use_cache, pad_token_id=0)
+    return out[:, ids.shape[1] :]
+
+
+@torch.no_grad()
+def _decode_latency(model, cache, context: int, steps: int) -> float:
+    """Median seconds per generated token, continuing from a cache that holds ``context`` tokens."""
+    token, times = torch.tensor([[42]]), []
+    for i in range(steps + 1):  # the first step is a warm-up
+        start = time.perf_counter()
+        logits = model(token, cache=cache, position_ids=torch.tensor([[context + i]]), use_cache=True).logits
+        times.append(time.perf_counter() - start)
+        token = logits[:, -1:].argmax(-1)
+    return statistics.median(times[1:])
+
+
+def _teacher_cache(model, context: int) -> DynamicCache:
+    """A KV cache holding ``context`` tokens; values are random (latency does not depend on them)."""
+    cfg = model.config
+    cache = DynamicCache(config=cfg)
+    g = torch.Generator().manual_seed(0)
+    for i in range(cfg.num_hidden_layers):
+        shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+        cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), i)
+    return cache
+
+
+@torch.no_grad()
+def _student_cache(model, context: int):
+    """A recurrent cache after a real 128-token prefill, advanced to position ``context``."""
+    cache = model.new_cache()
+    model(torch.randint(3, 1000, (1, 128), generator=torch.Generator().manual_seed(0)), cache=cache, use_cache=True)
+    for layer in cache.layers:
+        if hasattr(layer, "seen"):
+            layer.seen = context
+    return cache
+
+
+@case("decode")
+def decode(ctx: Context) -> Result:
+    t, s = teacher(ctx), student(ctx)
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    for model in (t, s):  # correctness first: cached decoding equals uncached decoding
+        if not torch.equal(_greedy(model, ids, 4, True), _greedy(model, ids, 4, False)):
+            raise AssertionError(f"{type(model).__name__}: cached generate differs from uncached")
+    contexts = [512, 2048, 8192] if ctx.quick else [512, 2048, 8192, 32768]
+    steps = 6 if ctx.quick else 12
+    rows = []
+    for context in contexts:
+        tc, sc = _teacher_cache(t, context), _student_cache(s, context)
+        t_ms = _decode_latency(t, tc, context, steps) * 1e3
+        s_ms = _decode_latency(s, sc, context, steps) * 1e3
+        rows.append(
+            {
+                "context": context,
+                "teacher_ms_per_token": t_ms,
+                "student_ms_per_token": s_ms,
+                "student/teacher": s_ms / t_ms,
+                "teacher_kv_MB": kv_bytes(tc) / 2**20,
+                "student_state_MB": sc.nbytes() / 2**20,
+            }
+        )
+        del tc, sc
+
+    def plot(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        x = [r["context"] for r in rows]
+        ax[0].plot(x, [r["teacher_ms_per_token"] for r in rows], "o-", label="teacher (KV cache)")
+        ax[0].plot(x, [r["student_ms_per_token"] for r in rows], "o-", label="student (recurrent)")
+        ax[0].set(xscale="log", xlabel="context tokens", ylabel="ms / token", title="decode latency")
+        ax[1].plot(x, [r["teacher_kv_MB"] for r in rows], "o-", label="teacher KV cache")
+        ax[1].plot(x, [r["student_state_MB"] for r in rows], "o-", label="student state")
+        ax[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="MiB", title="cache memory")
+        for a in ax:
+            a.legend()
+        fig.tight_layout()
+        path = out / "decode.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    return Result(
+        rows,
+        notes=[
+            "Median per-token latency of batch-1 greedy decoding, teacher and student timed in the same process.",
+            "The teacher's KV cache is filled with random keys/values of the given length (latency does not depend "
+            "on their values); the student's state comes from a real prefill and is advanced to the same position.",
+            f"Student: {ctx.student_dir or DEMO_STUDENT}; torch threads {torch.get_num_threads()}.",
+        ],
+        plots=[plot],
+    )
+
+
+@case("prefill")
+def prefill(ctx: Context) -> Result:
+    t, s = teacher(ctx), student(ctx)
+    ids = torch.randint(3, 1000, (1, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # correctness first: the student's teacher mode is the teacher
+        if not torch.allclose(s(ids, distill_mode="teacher").logits, t(ids, use_cache=False).logits, atol=1e-3):
+            raise AssertionError("student in teacher mode does not reproduce the teacher")
+    lengths = [512, 2048] if ctx.quick else [512, 2048, 8192]
+    rows = []
+    for n in lengths:
+        x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            t_s = median_time(lambda: t(x, use_cache=True, logits_to_keep=1), repeats=3)
+            s_s = median_time(lambda: s(x, use_cache=True, logits_to_keep=1), repeats=3)
+        rows.append({"tokens": n, "teacher_tok_per_s": n / t_s, "student_tok_per_s": n / s_s, "student/teacher time": s_s / t_s})
+
+    def plot(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        x = [r["tokens"] for r in rows]
+        ax.plot(x, [r["teacher_tok_per_s"] for r in rows], "o-", label="teacher")
+        ax.plot(x, [r["student_tok_per_s"] for r in rows], "o-", label="student")
+        ax.set(xscale="log", xlabel="prompt tokens", ylabel="tokens / s", title="prefill throughput")
+        ax.legend()
+        fig.tight_layout()
+        path = out / "prefill.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    return Result(rows, notes=["Median of 3 prefills (batch 1, cache built, last logits only), same process."], plots=[plot])
+
+
+def _state_bytes_formula(cfg: ConvertConfig, config, feature_dim: int, stack_feature_dim: int, dtype_bytes: int) -> int:
+    """Bytes of one layer's recurrent cache: fp32 states [Hk,F,D+1] (+ [H,F',D+1] per extra
+    sublayer) plus the window's keys and values (model dtype) and validity flags."""
+    D, H, Hk = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    total = Hk * feature_dim * (D + 1) * 4 + (cfg.depth - 1) * H * stack_feature_dim * (D + 1) * 4
+    return total + cfg.window * (2 * Hk * D * dtype_bytes + 1)
+
+
+@case("memory")
+def memory(ctx: Context) -> Result:
+    config = copy.deepcopy(teacher(ctx).config)
+    config.num_hidden_layers = 1
+    layers = teacher(ctx).config.num_hidden_layers
+    kv_per_token = 2 * config.num_key_value_heads * config.head_dim * 4 * layers  # fp32 KV cache, all layers
+    maps = [("elu", {}), ("hedgehog", {}), ("t2r", {}), ("taylor", {}), ("poly", {"rank": 16}), ("poly", {"rank": 32})]
+    rows = []
+    for (name, kwargs), depth, window in itertools.product(maps, [1, 2, 3], [0, 64]):
+        cfg = ConvertConfig(feature_map=name, feature_map_kwargs=kwargs, depth=depth, window=window)
+        torch.manual_seed(0)
+        model = convert_model(AutoModelForCausalLM.from_config(config), cfg).eval()
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(torch.randint(3, 1000, (1, 80)), cache=cache, use_cache=True)
+        attn = model.model.layers[0].self_attn
+        fdim = attn.rnn.feature_map.feature_dim
+        sdim = attn.stack[0].rnn.feature_map.feature_dim if depth > 1 else 0
+        formula = _state_bytes_formula(cfg, config, fdim, sdim, 4)
+        measured = cache.nbytes()
+        if measured != formula:  # correctness: the formula is what the cache holds
+            raise AssertionError(f"{name} depth {depth} window {window}: measured {measured} B, formula {formula} B")
+        state = measured * layers
+        rows.append(
+            {
+                "feature_map": name + (f"(r={kwargs['rank']})" if kwargs else ""),
+                "F": fdim,
+                "depth": depth,
+                "window": window,
+                "state_MB": state / 2**20,
+                "kv_cache_MB_at_8k": kv_per_token * 8192 / 2**20,
+                "crossover_tokens": round(state / kv_per_token),
+            }
+        )
+
+    def plot(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        ctxs = [2**i for i in range(6, 17)]
+        ax.plot(ctxs, [kv_per_token * c / 2**20 for c in ctxs], "k-", lw=2, label="teacher KV cache (fp32)")
+        names = list(dict.fromkeys(r["feature_map"] for r in rows))
+        for r in rows:
+            if r["depth"] == 1:
+                color = f"C{names.index(r['feature_map'])}"
+                ax.axhline(r["state_MB"], color=color, ls="--" if r["window"] else "-", lw=1, label=f"{r['feature_map']} w={r['window']}")
+        ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="MiB (all layers)", title="state vs KV cache")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = out / "memory.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    return Result(
+        rows,
+        notes=[
+            f"Demo model geometry: {layers} layers, {config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+            f"head_dim {config.head_dim}; KV cache {kv_per_token} B/token (fp32).",
+            "state_MB is measured from the cache tensors after a prefill and checked against the formula "
+            "Hk·F·(D+1)·4 + (depth−1)·H·F'·(D+1)·4 + window·(2·Hk·D·4 + 1) bytes per layer.",
+            "crossover_tokens: context length at which the teacher's KV cache becomes larger than the student's state.",
+        ],
+        plots=[plot],
+    )
