@@ -52,8 +52,7 @@ class StackSublayer(nn.Module):
         """x [B,T,H,D] fp32 -> (x + correction [B,T,H,D] fp32, state [B,H,F,D+1])."""
         xw = x.to(self.w_q.dtype)
         q, k, v = (torch.einsum("bthd,hde->bthe", xw, w) for w in (self.w_q, self.w_k, self.w_v))
-        fm = self.rnn.feature_map
-        o, state = self.rnn.scan(fm.phi_q(q), fm.phi_k(k), v, valid, state, recurrent)
+        o, state = self.rnn.scan(q, k, v, valid, state, recurrent)
         u = o[..., :-1] / (o[..., -1:] + eps)  # (B, T, H, D)
         return x + torch.einsum("bthd,hde->bthe", u, self.w_o.float()), state
 
@@ -145,14 +144,12 @@ class LinearAttention(nn.Module):
     def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
         """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
         states = layer_cache.states if layer_cache is not None and layer_cache.states else [None] * self.depth
-        fm = self.rnn.feature_map
-        phi_q = fm.phi_q(q)  # (B, T, H, F)
         window_cache = None
         if not self.window:
-            o, state = self.rnn.scan(phi_q, fm.phi_k(k), v, valid, states[0], recurrent)  # (B, T, H, D+1)
+            o, state = self.rnn.scan(q, k, v, valid, states[0], recurrent)  # (B, T, H, D+1)
             y = o[..., :-1] / (o[..., -1:] + self.eps)
         else:
-            y, state, window_cache = self._hybrid(q, k, v, phi_q, valid, layer_cache, states[0], recurrent)
+            y, state, window_cache = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent)
         new_states = [state]
         for sub, sub_state in zip(self.stack, states[1:]):
             y, sub_state = sub(y, valid, sub_state, recurrent, self.eps)
@@ -161,7 +158,7 @@ class LinearAttention(nn.Module):
             layer_cache.store(new_states, window_cache, q.shape[1])
         return y
 
-    def _hybrid(self, q, k, v, phi_q, valid, layer_cache, state, recurrent):
+    def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent):
         B, T, H, D = q.shape
         w = self.window
         if layer_cache is not None and layer_cache.window is not None:
@@ -173,7 +170,7 @@ class LinearAttention(nn.Module):
         k_all, v_all = torch.cat([wk, k], 1), torch.cat([wv, v], 1)  # (B, w+T, Hk, D)
         valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
         # Keys leave the window w steps after they arrive: the linear state reads k_all shifted by w.
-        o_lin, state = self.rnn.scan(phi_q, self.rnn.feature_map.phi_k(k_all[:, :T]), v_all[:, :T], valid_all[:, :T], state, recurrent)
+        o_lin, state = self.rnn.scan(q, k_all[:, :T], v_all[:, :T], valid_all[:, :T], state, recurrent)
         log_decay = self.rnn.log_decay()
         if log_decay is not None:  # the shifted stream lags by w steps of decay
             lag = torch.exp(log_decay.float() * w).repeat_interleave(H // self.num_kv_heads)  # (H,)

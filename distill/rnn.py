@@ -17,6 +17,7 @@ import distill_kernels as ops
 
 from .config import ConvertConfig
 from .feature_maps import build_feature_map
+from .feature_maps.builtin import PolynomialKernel
 
 
 def fixed_log_decay(num_heads: int) -> torch.Tensor:
@@ -49,18 +50,21 @@ class LinearRNN(nn.Module):
 
     def scan(
         self,
-        phi_q: torch.Tensor,
-        phi_k: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
         v: torch.Tensor,
         valid: torch.Tensor | None,
         state: torch.Tensor | None,
         recurrent: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi_q [B,T,H,F], phi_k [B,T,Hk,F], v [B,T,Hk,D], valid [B,T] bool (False = padding, which
-        never enters the state) -> o [B,T,H,D+1] fp32 (numerator, then normaliser), state [B,Hk,F,D+1]."""
+        """q [B,T,H,D], k/v [B,T,Hk,D] (before φ), valid [B,T] bool (False = padding, which never
+        enters the state) -> o [B,T,H,D+1] fp32 (numerator, then normaliser), state [B,Hk,F,D+1]."""
         v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)  # (B,T,Hk,D+1)
         if valid is not None:
-            keep = valid[:, :, None, None]
-            phi_k, v1 = phi_k * keep, v1 * keep
+            v1 = v1 * valid[:, :, None, None]  # a zero value row adds nothing to S or z
+        fm, log_decay = self.feature_map, self.log_decay()
+        if isinstance(fm, PolynomialKernel):  # features stay unexpanded until the scan
+            op = ops.recurrent_poly_attn if recurrent else ops.chunk_poly_attn
+            return op(fm.project_q(q), fm.project_k(k), v1, fm.coeffs, log_decay=log_decay, initial_state=state)
         op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
-        return op(phi_q, phi_k, v1, log_decay=self.log_decay(), initial_state=state)
+        return op(fm.phi_q(q), fm.phi_k(k), v1, log_decay=log_decay, initial_state=state)

@@ -1,63 +1,201 @@
 """Linear-attention ops on tensors, installed as ``distill_kernels``.
 
 Public entry points pick an implementation by ``DISTILL_BACKEND`` (``auto|torch|triton|fla``):
-``auto`` is Triton on CUDA tensors and PyTorch elsewhere.
+``auto`` is Triton on CUDA tensors and PyTorch elsewhere; ``triton`` also runs CPU tensors when
+``TRITON_INTERPRET=1`` was set before the first call; ``fla`` runs flash-linear-attention on CUDA.
+A backend that cannot run on the tensors' device raises ``ValueError``.
 
     chunk_linear_attn(q, k, v, log_decay=None, initial_state=None) -> (o, final_state)
-    recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None) -> (o, final_state)
+    recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace=False) -> (o, final_state)
+    chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None) -> (o, final_state)
+    recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, inplace=False)
 
-Shapes: q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], state [B,Hk,F,Dv] (fp32).
+Shapes: q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], state [B,Hk,F,Dv] (fp32);
+q_proj [B,T,H,r], k_proj [B,T,Hk,r], coeffs [H,p+1] (state layout: :mod:`distill_kernels.poly`).
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
+from . import poly
 from .chunk import chunk_linear_attn as torch_chunk_linear_attn
 from .naive import naive_linear_attn
+from .poly import poly_feature_dim, poly_features
 from .recurrent import recurrent_linear_attn as torch_recurrent_linear_attn
+from .validate import check_scan_args
 
 BACKENDS = ("auto", "torch", "triton", "fla")
-
-# backend name -> (chunk fn, recurrent fn); filled lazily so importing this package stays cheap.
-_IMPLS: dict[str, Callable[[], tuple[Callable, Callable]]] = {
-    "torch": lambda: (torch_chunk_linear_attn, torch_recurrent_linear_attn),
-}
+logger = logging.getLogger(__name__)
 
 
-def register_backend(name: str, loader: Callable[[], tuple[Callable, Callable]]) -> None:
-    """Register ``loader() -> (chunk_fn, recurrent_fn)`` under ``name``."""
-    _IMPLS[name] = loader
+class Backend(NamedTuple):
+    """``chunk`` and ``recurrent`` follow :func:`naive_linear_attn`; ``chunk_poly`` follows
+    :func:`chunk_poly_attn` (None: materialise the features and use ``chunk``)."""
+
+    chunk: Callable
+    recurrent: Callable
+    chunk_poly: Callable | None = None
+    recurrent_inplace: bool = False  # recurrent takes ``inplace=`` itself
+
+
+def _load_torch() -> Backend:
+    return Backend(torch_chunk_linear_attn, torch_recurrent_linear_attn, poly.chunk_poly_attn)
+
+
+def _load_triton() -> Backend:
+    from . import triton_chunk, triton_recurrent
+
+    def chunk_poly(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None):
+        if coeffs.shape[-1] - 1 <= triton_chunk.MAX_POLY_DEGREE:
+            return triton_chunk.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+        logger.debug("polynomial degree %d > %d: materialising the features", coeffs.shape[-1] - 1, 2)
+        scan = triton_chunk.chunk_linear_attn
+        return poly.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state, scan=scan)
+
+    return Backend(triton_chunk.chunk_linear_attn, triton_recurrent.recurrent_linear_attn, chunk_poly, True)
+
+
+def _check_triton(device: torch.device) -> None:
+    try:
+        from . import triton_chunk
+    except ImportError as err:
+        raise ValueError(f"DISTILL_BACKEND=triton but Triton cannot be imported ({err}); use torch") from None
+    try:
+        triton_chunk.check_device(device)
+    except ValueError as err:
+        raise ValueError(f"DISTILL_BACKEND=triton cannot run here: {err}") from None
+
+
+def _load_fla() -> Backend:
+    from . import fla_backend
+
+    return Backend(fla_backend.chunk_linear_attn, fla_backend.recurrent_linear_attn)
+
+
+def _check_fla(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(
+            f"DISTILL_BACKEND=fla needs CUDA tensors (fla's chunk kernels do not run on {device.type}); "
+            "use DISTILL_BACKEND=torch, or triton with TRITON_INTERPRET=1"
+        )
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"DISTILL_BACKEND=fla but flash-linear-attention cannot be imported ({err})") from None
+
+
+# name -> (loader, device check); loaders run lazily so importing this package stays cheap.
+_REGISTRY: dict[str, tuple[Callable[[], Backend | tuple], Callable[[torch.device], None] | None]] = {}
+_LOADED: dict[str, Backend] = {}
+
+
+def register_backend(
+    name: str,
+    loader: Callable[[], Backend | tuple],
+    check_device: Callable[[torch.device], None] | None = None,
+) -> None:
+    """Register ``loader() -> (chunk_fn, recurrent_fn[, chunk_poly_fn])`` under ``name``.
+    ``check_device(device)`` raises ``ValueError`` when the backend cannot run there."""
+    if name in _REGISTRY:
+        raise ValueError(f"backend {name!r} is already registered")
+    _REGISTRY[name] = (loader, check_device)
+
+
+register_backend("torch", _load_torch)
+register_backend("triton", _load_triton, _check_triton)
+register_backend("fla", _load_fla, _check_fla)
 
 
 def resolve_backend(device: torch.device) -> str:
+    """The backend ``DISTILL_BACKEND`` selects for tensors on ``device``; ValueError if it cannot run there."""
+    device = torch.device(device)
     name = os.environ.get("DISTILL_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"DISTILL_BACKEND={name!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return "triton" if device.type == "cuda" and "triton" in _IMPLS else "torch"
-    if name not in _IMPLS:
-        raise ValueError(f"DISTILL_BACKEND={name!r} is not available in this build; use DISTILL_BACKEND=torch")
+        if device.type != "cuda":
+            return "torch"
+        try:
+            _check_triton(device)
+        except ValueError:
+            return "torch"
+        return "triton"
+    if name not in _REGISTRY:
+        raise ValueError(f"DISTILL_BACKEND={name!r} is unknown; choose one of auto, {', '.join(_REGISTRY)}")
+    check = _REGISTRY[name][1]
+    if check is not None:
+        check(device)
     return name
 
 
+def get_backend(device: torch.device) -> Backend:
+    name = resolve_backend(device)
+    if name not in _LOADED:
+        _LOADED[name] = Backend(*_REGISTRY[name][0]())
+    return _LOADED[name]
+
+
 def chunk_linear_attn(q, k, v, log_decay=None, initial_state=None):
-    return _IMPLS[resolve_backend(q.device)]()[0](q, k, v, log_decay=log_decay, initial_state=initial_state)
+    """q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], initial_state [B,Hk,F,Dv]
+    -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32 (training and prefill)."""
+    check_scan_args(q, k, v, log_decay, initial_state)
+    return get_backend(q.device).chunk(q, k, v, log_decay=log_decay, initial_state=initial_state)
 
 
-def recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None):
-    return _IMPLS[resolve_backend(q.device)]()[1](q, k, v, log_decay=log_decay, initial_state=initial_state)
+def _copy_back(result, initial_state, inplace: bool):
+    o, state = result
+    if inplace and initial_state is not None and state is not initial_state and not state.requires_grad:
+        initial_state.copy_(state)
+        state = initial_state
+    return o, state
+
+
+def recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace: bool = False):
+    """Same contract as :func:`chunk_linear_attn`, token by token (decode). ``inplace=True`` writes
+    the new state into ``initial_state`` and returns it (decoding, under ``torch.no_grad()``; when
+    autograd records the call, a fresh state is returned instead)."""
+    check_scan_args(q, k, v, log_decay, initial_state)
+    backend = get_backend(q.device)
+    if backend.recurrent_inplace:
+        return backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state, inplace=inplace)
+    result = backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state)
+    return _copy_back(result, initial_state, inplace)
+
+
+def chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None):
+    """Polynomial-kernel scan, φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i. q_proj [B,T,H,r], k_proj [B,T,Hk,r],
+    v [B,T,Hk,Dv], coeffs [H,p+1] -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32 with F and
+    the row layout of :mod:`distill_kernels.poly`. Triton fuses the feature map for p <= 2."""
+    poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+    backend = get_backend(q_proj.device)
+    if backend.chunk_poly is not None:
+        return backend.chunk_poly(q_proj, k_proj, v, coeffs, log_decay=log_decay, initial_state=initial_state)
+    return poly.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state, scan=backend.chunk)
+
+
+def recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, inplace: bool = False):
+    """Decode step of :func:`chunk_poly_attn`: the few new tokens' features are materialised."""
+    degree = poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+    phi_q = poly_features(q_proj, degree, coeffs)  # (B, T, H, F)
+    phi_k = poly_features(k_proj, degree)  # (B, T, Hk, F)
+    return recurrent_linear_attn(phi_q, phi_k, v, log_decay, initial_state, inplace=inplace)
 
 
 __all__ = [
     "BACKENDS",
+    "Backend",
     "chunk_linear_attn",
-    "recurrent_linear_attn",
+    "chunk_poly_attn",
+    "get_backend",
     "naive_linear_attn",
-    "torch_chunk_linear_attn",
-    "torch_recurrent_linear_attn",
+    "poly_feature_dim",
+    "poly_features",
+    "recurrent_linear_attn",
+    "recurrent_poly_attn",
     "register_backend",
     "resolve_backend",
+    "torch_chunk_linear_attn",
+    "torch_recurrent_linear_attn",
 ]

@@ -1,9 +1,17 @@
 """Tiny random causal LMs built in code (no downloads)."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+if not torch.cuda.is_available():
+    # Triton kernels run interpreted on CPU (DISTILL_BACKEND=triton tests). Triton reads this when it is
+    # first imported, which torch._dynamo and distill do early, so it must be set before anything else.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 torch.set_num_threads(1)
 

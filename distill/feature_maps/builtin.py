@@ -1,13 +1,13 @@
 """Built-in feature maps. Shapes: x [B, T, h, D] -> [B, T, h, F], h = heads of that side."""
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distill_kernels import poly_feature_dim, poly_features
 
 from ..errors import DistillError
 from .base import FeatureMap, register_feature_map
@@ -111,90 +111,19 @@ class HedgehogFeatureMap(FeatureMap):
         return self._both_signs(self.proj_k(k))
 
 
-@functools.lru_cache(maxsize=None)
-def monomial_index(dim: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Degree-``degree`` monomials of ``dim`` variables with repetition, in
-    ``itertools.combinations_with_replacement`` order (for degree 2: ``torch.triu_indices``
-    row-major). Returns indices [M, degree] and weights sqrt(degree! / Π multiplicity!) [M], so
-    that Σ_m w_m² Π x_i Π y_i = (x·y)^degree."""
-    combos = list(itertools.combinations_with_replacement(range(dim), degree))
-    index = torch.tensor(combos, dtype=torch.long).reshape(len(combos), degree)
-    weight = torch.tensor(
-        [
-            math.sqrt(math.factorial(degree) / math.prod(math.factorial(c.count(i)) for i in set(c)))
-            for c in combos
-        ],
-        dtype=torch.float64,
-    )
-    return index, weight
+class PolynomialKernel(FeatureMap):
+    """Maps whose kernel is a polynomial of projected dot products,
 
+        q̃ = Pᵀq / d^¼,  k̃ = Pᵀk / d^¼,   φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i,
 
-class _Monomials(nn.Module):
-    """x [..., r] -> [1, x, w·x⊗x, ...] up to ``degree``: the symmetric tensor powers, flattened.
-    Index tables are derived from (dim, degree), never stored in checkpoints."""
+    with the feature layout of :mod:`distill_kernels.poly` (coefficients on the query side).
+    The layer hands such maps to the polynomial scan, which on Triton never writes the expanded
+    features to memory. Subclasses set ``degree``, ``rank``, ``coeffs`` [H, p+1] and ``proj``
+    ([Hk, D, r], or None for the identity)."""
 
-    def __init__(self, dim: int, degree: int):
-        super().__init__()
-        self.dim, self.degree = dim, degree
-        self.sizes = [math.comb(dim + i - 1, i) for i in range(degree + 1)]
-
-    def forward(self, x) -> list[torch.Tensor]:
-        blocks = [x.new_ones(*x.shape[:-1], 1), x]
-        for i in range(2, self.degree + 1):
-            index, weight = monomial_index(self.dim, i)
-            index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
-            blocks.append(x[..., index].prod(dim=-1) * weight)  # (..., M_i)
-        return blocks[: self.degree + 1]
-
-
-@register_feature_map("taylor")
-class TaylorFeatureMap(FeatureMap):
-    """Second-order Taylor map of exp (Arora et al., 2024, "Based"):
-    φ(q)·φ(k) = 1 + s + s²/2 exactly, s = q·k/√d. F = 1 + D + D(D+1)/2."""
-
-    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
-        super().__init__(head_dim, num_heads, num_kv_heads)
-        self.monomials = _Monomials(head_dim, 2)
-        self.feature_dim = sum(self.monomials.sizes)
-        self.scale = head_dim**-0.25
-
-    def phi_q(self, q):
-        one, lin, quad = self.monomials(q * self.scale)
-        return torch.cat([one, lin, quad * math.sqrt(0.5)], dim=-1)
-
-    phi_k = phi_q
-
-
-@register_feature_map("poly")
-class PolyFeatureMap(FeatureMap):
-    """Degree-p polynomial kernel with per-query-head coefficients and an optional projection:
-
-        q̃ = Pᵀq / d^¼,  k̃ = Pᵀk / d^¼,   φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i
-
-    P [Hk, D, r] is shared by a kv head and its query heads (identity when ``rank`` is None).
-    Coefficients sit on the query side (φ_q's degree-i block is scaled by c_i), so any sign is
-    allowed; a positive normaliser needs p(s) > 0, which the fit stage enforces.
-    Starts at c_i = 1/i!, i.e. the Taylor series of exp. F = Σ_i C(r+i−1, i).
-    """
-
-    positive = False  # depends on the fitted coefficients
-
-    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, degree: int = 2, rank: int | None = None):
-        super().__init__(head_dim, num_heads, num_kv_heads)
-        self.degree, self.rank = degree, rank or head_dim
-        self.monomials = _Monomials(self.rank, degree)
-        self.feature_dim = sum(self.monomials.sizes)
-        self.scale = head_dim**-0.25
-        coeffs = torch.tensor([1 / math.factorial(i) for i in range(degree + 1)])
-        self.coeffs = nn.Parameter(coeffs.repeat(num_heads, 1))  # (H, p+1)
-        self.proj = nn.Parameter(torch.eye(head_dim, self.rank).repeat(num_kv_heads, 1, 1)) if rank else None  # (Hk, D, r)
-
-    @classmethod
-    def check(cls, head_dim, degree=2, rank=None):
-        if not isinstance(degree, int) or not 1 <= degree <= 4:
-            raise DistillError(f"poly degree must be an integer in 1..4, got {degree!r}")
-        if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= head_dim):
-            raise DistillError(f"poly rank must be an integer in 1..head_dim={head_dim}, got {rank!r}")
+    degree: int
+    rank: int
+    proj: torch.Tensor | None
 
     def project_q(self, q):
         """q [B,T,H,D] -> q̃ [B,T,H,r] (each query head uses its kv head's projection)."""
@@ -210,9 +139,51 @@ class PolyFeatureMap(FeatureMap):
         return torch.einsum("bthd,hdr->bthr", k, self.proj.to(k.dtype)) * self.scale
 
     def phi_q(self, q):
-        blocks = self.monomials(self.project_q(q))
-        coeffs = self.coeffs.to(q.dtype)  # (H, p+1)
-        return torch.cat([b * coeffs[:, i, None] for i, b in enumerate(blocks)], dim=-1)
+        return poly_features(self.project_q(q), self.degree, self.coeffs)
 
     def phi_k(self, k):
-        return torch.cat(self.monomials(self.project_k(k)), dim=-1)
+        return poly_features(self.project_k(k), self.degree)
+
+
+@register_feature_map("taylor")
+class TaylorFeatureMap(PolynomialKernel):
+    """Second-order Taylor map of exp (Arora et al., 2024, "Based"):
+    φ(q)·φ(k) = 1 + s + s²/2 exactly, s = q·k/√d. F = 1 + D + D(D+1)/2. No parameters."""
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.degree, self.rank, self.proj = 2, head_dim, None
+        self.feature_dim = poly_feature_dim(head_dim, 2)
+        self.scale = head_dim**-0.25
+
+    @property
+    def coeffs(self) -> torch.Tensor:
+        return torch.tensor([1.0, 1.0, 0.5]).expand(self.num_heads, 3)
+
+
+@register_feature_map("poly")
+class PolyFeatureMap(PolynomialKernel):
+    """Degree-p polynomial kernel with per-query-head coefficients c [H, p+1] and an optional
+    learned projection P [Hk, D, r] shared by a kv head and its query heads (see
+    :class:`PolynomialKernel`). Any coefficient sign is allowed; a positive normaliser needs
+    p(s) > 0, which the fit stage enforces. Starts at c_i = 1/i! (the Taylor series of exp) and
+    P = the first r coordinates. F = Σ_i C(r+i−1, i).
+    """
+
+    positive = False  # depends on the fitted coefficients
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, degree: int = 2, rank: int | None = None):
+        super().__init__(head_dim, num_heads, num_kv_heads)
+        self.degree, self.rank = degree, rank or head_dim
+        self.feature_dim = poly_feature_dim(self.rank, degree)
+        self.scale = head_dim**-0.25
+        coeffs = torch.tensor([1 / math.factorial(i) for i in range(degree + 1)])
+        self.coeffs = nn.Parameter(coeffs.repeat(num_heads, 1))  # (H, p+1)
+        self.proj = nn.Parameter(torch.eye(head_dim, self.rank).repeat(num_kv_heads, 1, 1)) if rank else None  # (Hk, D, r)
+
+    @classmethod
+    def check(cls, head_dim, degree=2, rank=None):
+        if not isinstance(degree, int) or not 1 <= degree <= 4:
+            raise DistillError(f"poly degree must be an integer in 1..4, got {degree!r}")
+        if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= head_dim):
+            raise DistillError(f"poly rank must be an integer in 1..head_dim={head_dim}, got {rank!r}")
