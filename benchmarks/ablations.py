@@ -1,0 +1,202 @@
+"""Research ablations on the demo model at one fixed small budget (configs/ablations.yaml).
+
+Questions: does polynomial feature fitting start better than Taylor or random? do stacked
+linear-RNN layers beat one? does output-MSE transfer work, and does the attention-weight loss add
+anything? Each variant: convert a copy of the teacher, initialise, measure (budget 0), transfer
+layer by layer, measure again. The teacher, its data and its perplexity are computed once.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from distill import ConvertConfig, convert_model
+from distill.models import load_model
+from distill.pipeline.checkpoint import RunStore
+from distill.pipeline.config import RunConfig
+from distill.pipeline.data import prepare_data
+from distill.pipeline.evaluate import perplexity
+from distill.pipeline.fit import collect_qk, make_pairs, run_fit, set_mix
+from distill.pipeline.params import converted_layers, new_parameters
+from distill.pipeline.stream import decoder_layers
+from distill.pipeline.transfer import run_transfer
+
+from .runner import Context, Result, case
+
+log = logging.getLogger("benchmarks.ablations")
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@torch.no_grad()
+def _random_projection(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for i in converted_layers(model):
+        fm = decoder_layers(model)[i].self_attn.rnn.feature_map
+        q, _ = torch.linalg.qr(torch.randn(fm.proj.shape[0], fm.proj.shape[1], fm.proj.shape[2], generator=g, dtype=torch.float64))
+        fm.proj.copy_(q.to(fm.proj.dtype))  # (Hk, D, r) orthonormal columns
+
+
+@torch.no_grad()
+def _set_mixing(model, ids, cfg: RunConfig) -> None:
+    """The fit stage's per-head scale of the linear part (window > 0), without fitting φ."""
+    layers = converted_layers(model)
+    for i, q, k in collect_qk(model, ids[: cfg.fit.sequences], layers, batch=cfg.fit.sequences):
+        layer = decoder_layers(model)[i].self_attn
+        set_mix(layer, make_pairs(layer, q, k, cfg.fit))
+
+
+def _state_bytes(model) -> int:
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(3, 1000, (1, 80)), cache=cache, use_cache=True)
+    return cache.nbytes()
+
+
+def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict:
+    model = convert_model(copy.deepcopy(teacher), cfg.model)
+    model.requires_grad_(False)
+    for i in converted_layers(model):
+        for p in new_parameters(decoder_layers(model)[i].self_attn).values():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    start = time.time()
+    torch.manual_seed(seed)
+    if init == "random":
+        _random_projection(model, seed)
+    if init == "poly-fit":
+        fit = run_fit(model, data.train, cfg.fit, quiet)
+    elif cfg.model.window:
+        _set_mixing(model, data.train, cfg)
+    batch = cfg.batch_size_eval
+    ppl_init = perplexity(model, data.heldout, "parallel", batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore(Path(tmp))
+        store.create({})
+        layers = run_transfer(model, data.train, data.heldout, cfg.transfer, seed, store, quiet)
+    ppl = perplexity(model, data.heldout, "parallel", batch)
+    row = {
+        "ppl_init": ppl_init,
+        "ppl": ppl,
+        "err_before": statistics.mean(r["transfer_mse_before"] for r in layers),
+        "err_after": statistics.mean(r["transfer_mse_after"] for r in layers),
+        "state_MB": _state_bytes(model) / 2**20,
+        "seconds": time.time() - start,
+        "layer_err_before": [r["transfer_mse_before"] for r in layers],
+        "layer_err_after": [r["transfer_mse_after"] for r in layers],
+    }
+    if init == "poly-fit":
+        row["fit_error"] = statistics.mean(r["fit_error"] for r in fit)
+    return row
+
+
+def _mean(rows, key, **where) -> float:
+    vals = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
+    return statistics.mean(vals) if vals else float("nan")
+
+
+def _answers(rows: list[dict], teacher_ppl: float) -> list[str]:
+    """Short written answers, drawn from the table."""
+    out = []
+    inits = sorted({r["init"] for r in rows}, key=lambda x: _mean(rows, "ppl", init=x))
+    by = ", ".join(f"{i} {_mean(rows, 'ppl_init', init=i):.1f} → {_mean(rows, 'ppl', init=i):.1f}" for i in inits)
+    out.append(
+        f"Init (mean held-out ppl before → after transfer, over the other factors; teacher {teacher_ppl:.2f}): {by}. "
+        f"Best after transfer: {inits[0]}."
+    )
+    depths = sorted({r["depth"] for r in rows})
+    by = ", ".join(f"depth {d}: {_mean(rows, 'ppl', depth=d):.1f} (err {_mean(rows, 'err_after', depth=d):.3f})" for d in depths)
+    best = min(depths, key=lambda d: _mean(rows, "ppl", depth=d))
+    out.append(f"Stacking (mean ppl and relative layer error after transfer): {by}. Best: depth {best}.")
+    losses = sorted({r["loss"] for r in rows})
+    by = ", ".join(
+        f"{l}: ppl {_mean(rows, 'ppl', loss=l):.1f}, layer error {_mean(rows, 'err_before', loss=l):.3f} → {_mean(rows, 'err_after', loss=l):.3f}"
+        for l in losses
+    )
+    out.append(f"Transfer loss: {by}.")
+    windows = sorted({r["window"] for r in rows})
+    out.append("Window: " + ", ".join(f"w={w}: ppl {_mean(rows, 'ppl', window=w):.1f}" for w in windows) + ".")
+    return out
+
+
+@case("ablations")
+def ablations(ctx: Context) -> Result:
+    spec = yaml.safe_load(CONFIG.read_text())
+    base, grid = spec["base"], spec["grid"]
+    if ctx.quick:
+        base, grid = _merge(base, spec["quick"]["base"]), spec["quick"]["grid"]
+    cfg0 = RunConfig.from_dict(base)
+    teacher, tokenizer = load_model("demo")
+    data = prepare_data(cfg0, teacher, tokenizer)
+    teacher_ppl = perplexity(teacher, data.heldout, "teacher", cfg0.batch_size_eval)
+    quiet = lambda **kw: tqdm(disable=True, **kw)  # noqa: E731
+    rows = []
+    variants = list(itertools.product(grid["init"], grid["depth"], grid["loss"], grid["window"]))
+    for n, (init, depth, loss, window) in enumerate(variants):
+        over = {"model": {"depth": depth, "window": window}, "transfer": {"xent_weight": spec["xent_weight"] if loss == "mse+attn" else 0.0}}
+        cfg = RunConfig.from_dict(_merge(base, over))
+        row = {"init": init, "depth": depth, "loss": loss, "window": window}
+        row.update(_variant(teacher, data, cfg, init, cfg.seed, quiet))
+        row["ppl/teacher"] = row["ppl"] / teacher_ppl
+        rows.append(row)
+        log.info("[%d/%d] %s: ppl %.2f -> %.2f (%.0f s)", n + 1, len(variants), variants[n], row["ppl_init"], row["ppl"], row["seconds"])
+    table = [{k: v for k, v in r.items() if not k.startswith("layer_")} for r in rows]
+
+    def plot_ppl(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(grid["window"]), figsize=(5 * len(grid["window"]), 4), squeeze=False)
+        for ax, window in zip(axes[0], grid["window"]):
+            for r in rows:
+                if r["window"] == window:
+                    ax.plot([0, cfg0.transfer.steps], [r["ppl_init"], r["ppl"]], "o-", lw=1,
+                            label=f"{r['init']} d{r['depth']} {r['loss']}")
+            ax.axhline(teacher_ppl, color="k", ls=":", label="teacher")
+            ax.set(yscale="log", xlabel="transfer steps per layer", ylabel="held-out ppl", title=f"window {window}")
+            ax.legend(fontsize=5, ncol=2)
+        fig.tight_layout()
+        path = out / "ablation_ppl.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def plot_layers(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for init in grid["init"]:
+            pick = [r for r in rows if r["init"] == init and r["depth"] == 1 and r["loss"] == "mse" and r["window"] == grid["window"][0]]
+            if pick:
+                ax.plot(pick[0]["layer_err_before"], "--", label=f"{init} before")
+                ax.plot(pick[0]["layer_err_after"], "-", label=f"{init} after")
+        ax.set(yscale="log", xlabel="layer", ylabel="relative output MSE", title=f"per-layer transfer error (depth 1, mse, window {grid['window'][0]})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "ablation_layers.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    notes = [
+        f"Teacher held-out perplexity {teacher_ppl:.3f} on {data.heldout.numel()} tokens; calibration {data.train.numel()} tokens; "
+        f"{cfg0.transfer.steps} transfer steps per layer (batch {cfg0.transfer.batch_size} x {cfg0.seq_len}); config {CONFIG.name}.",
+        "err_before/err_after: relative output MSE per layer (mean over layers) on held-out sequences, "
+        "after init and after transfer. ppl_init: perplexity right after init (budget 0).",
+        *_answers(rows, teacher_ppl),
+    ]
+    return Result(table, notes=notes, plots=[plot_ppl, plot_layers], extra={"per_layer": rows, "teacher_ppl": teacher_ppl})
