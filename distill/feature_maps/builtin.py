@@ -155,10 +155,7 @@ class TaylorFeatureMap(PolynomialKernel):
         self.degree, self.rank, self.proj = 2, head_dim, None
         self.feature_dim = poly_feature_dim(head_dim, 2)
         self.scale = head_dim**-0.25
-
-    @property
-    def coeffs(self) -> torch.Tensor:
-        return torch.tensor([1.0, 1.0, 0.5]).expand(self.num_heads, 3)
+        self.register_buffer("coeffs", torch.tensor([1.0, 1.0, 0.5]).repeat(num_heads, 1))  # (H, 3), fixed
 
 
 @register_feature_map("poly")
