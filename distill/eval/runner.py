@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048
 BOOTSTRAP_ITERS = 1000  # lm-eval bootstraps stderr only for a few metrics; 100k draws is minutes on CPU
 MC_METRICS = ("acc", "acc_norm")
+NOT_METRICS = {"alias", "sample_len", "sample_count"}  # bookkeeping entries in lm-eval's per-task results
 
 
 def max_length_for(model, requested: int | None) -> int:
@@ -93,7 +93,7 @@ def task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
     out = {}
     for key, value in results["results"].get(task, {}).items():
         metric, _, filt = key.partition(",")
-        if key == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+        if metric in NOT_METRICS or metric.endswith("_stderr") or not isinstance(value, (int, float)):
             continue
         out[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
     return out
@@ -133,13 +133,15 @@ def markdown(rows: list[Row]) -> str:
         "",
         "recovery = student / teacher; for lower-is-better metrics (perplexities, bits_per_byte) it is "
         "teacher / student, so 100% means as good as the teacher either way. relative = (student - chance) / "
-        "(teacher - chance) for multiple-choice accuracy (RADLADS-style), chance = mean of 1 / number of choices.",
+        "(teacher - chance) for multiple-choice accuracy (RADLADS-style), chance = mean of 1 / number of choices. "
+        "The summary line averages the first metric listed for each task.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def summary(rows: list[Row], headline: dict[str, str], wall: dict[str, float]) -> str:
-    """One line: mean recovery and relative score over each task's headline metric."""
+    """One line: mean recovery and relative score over each task's headline metric; wall time per
+    model includes loading it."""
     firsts = {}
     for r in rows:
         if headline.get(r.task, r.metric) == r.metric:
@@ -160,13 +162,12 @@ def summary(rows: list[Row], headline: dict[str, str], wall: dict[str, float]) -
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and one rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -29,13 +29,22 @@ log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 
 
+class _DropCustomDatasetHint(logging.Filter):
+    """lm-eval warns, on every load of a task with ``custom_dataset``, about a --metadata flag we don't use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in str(record.msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
+
+
 @dataclass(frozen=True)
 class Suite:
     """A named list of tasks. ``headline`` maps each task to the metric the papers report."""
 
     headline: dict[str, str]
     num_fewshot: int | None = None
-    offline: bool = False
 
 
 SUITES: dict[str, Suite] = {
@@ -54,7 +63,6 @@ SUITES: dict[str, Suite] = {
             "bigbench_timedial": "acc",
         },
         num_fewshot=0,
-        offline=True,
     ),
 }
 
@@ -75,7 +83,7 @@ class TaskPlan:
     names: list[str]
     headline: dict[str, str] = field(default_factory=dict)
     num_fewshot: dict[str, int] = field(default_factory=dict)
-    offline: bool = True  # every task reads local data only
+    needs_hub: list[str] = field(default_factory=list)  # built-in lm-eval tasks: data from the HF hub
 
 
 def task_manager(include_path: str | Path | None = None):
@@ -112,26 +120,23 @@ def resolve_tasks(spec: str, manager) -> TaskPlan:
             plan.headline.update(suite.headline)
             if suite.num_fewshot is not None:
                 plan.num_fewshot.update({t: suite.num_fewshot for t in new})
-            plan.offline &= suite.offline
         elif name in manager.all_tasks:
             if name not in plan.names:
                 plan.names.append(name)
-            plan.offline &= not _is_builtin(manager, name)
         else:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else f"suites: {', '.join(sorted(SUITES))}"
             raise DistillError(f"unknown task {name!r}; {hint} (lm-eval --tasks list shows every task)")
     if not plan.names:
         raise DistillError(f"--tasks is empty; give task names or a suite ({', '.join(sorted(SUITES))})")
+    plan.needs_hub = [n for n in plan.names if _is_builtin(manager, n)]
     return plan
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers on its HTTPS port (False when HF_HUB_OFFLINE is set)."""
+    """Whether the Hugging Face hub answers on its HTTPS port."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return False
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -146,16 +151,20 @@ HUB_NEEDED = "the dataset of {task} needs the Hugging Face hub, which is unreach
 def load_tasks(plan: TaskPlan, manager) -> list[Any]:
     """Build the lm-eval Task/Group objects of ``plan`` (reads or downloads their data).
 
-    Built-in tasks fetch their datasets from the hub; offline, that fails with one clear line.
+    Built-in tasks fetch their datasets from the hub; offline, that fails with one clear line
+    instead of minutes of retries. With HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, datasets
+    already in the local cache are used.
     """
-    if not plan.offline and not hub_reachable() and not os.environ.get("HF_DATASETS_OFFLINE"):
-        first = next(n for n in plan.names if n not in SUITES["offline"].headline)
-        raise DistillError(HUB_NEEDED.format(task=first))
+    offline_mode = any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if plan.needs_hub and not offline_mode and not hub_reachable():
+        raise DistillError(HUB_NEEDED.format(task=plan.needs_hub[0]))
     objects = []
     for name in plan.names:
         try:
             loaded = manager.load([name])
         except OSError as err:  # ConnectionError, LocalEntryNotFoundError, a dataset missing from the cache
+            if name not in plan.needs_hub:
+                raise
             raise DistillError(HUB_NEEDED.format(task=name)) from err
         top = [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
         if name in plan.num_fewshot:
@@ -245,23 +254,22 @@ def fetch_bigbench() -> Path:
 
 
 def bigbench_docs(name: str) -> list[dict[str, Any]]:
-    """Rows ``{inputs, choices, label}`` of a BIG-bench JSON task, prompted as BIG-bench does 0-shot.
+    """Rows ``{inputs, choices, label}`` of a BIG-bench JSON task, for 0-shot multiple choice.
 
-    The prompt is task prefix + input prefix + input + (the choices, when the task appends them)
-    + output prefix; the BIG-bench defaults are ``"Q: "``, ``"\\n  choice: "`` and ``"\\nA: "``.
+    The prompt is BIG-bench's: task prefix + input prefix + input + output prefix (defaults
+    ``"Q: "`` and ``"\\nA: "``), and each choice is scored as its continuation. Unlike BIG-bench, the
+    choices are not also listed in the prompt: listed, SmolLM2-135M falls to or below chance
+    (on timedial it copies a distractor taken from the dialogue).
     """
     task = json.loads((fetch_bigbench() / f"{name}.json").read_text(encoding="utf-8"))
     prefix = (task.get("task_prefix", "") + task.get("example_input_prefix", "\nQ: ")).lstrip("\n")
-    choice_prefix = task.get("choice_prefix", "\n  choice: ")
-    append = task.get("append_choices_to_input", True)
-    out_prefix = task.get("example_output_prefix", "\nA: ")
+    suffix = task.get("example_output_prefix", "\nA: ")
     rows = []
     for example in task["examples"]:
         choices = [c.strip() for c in example["target_scores"]]
         scores = list(example["target_scores"].values())
-        listed = "".join(choice_prefix + c for c in choices) if append else ""
-        prompt = prefix + example["input"].rstrip() + listed + out_prefix
-        rows.append({"inputs": prompt.rstrip(), "choices": choices, "label": scores.index(max(scores))})
+        prompt = (prefix + example["input"].rstrip() + suffix).rstrip()
+        rows.append({"inputs": prompt, "choices": choices, "label": scores.index(max(scores))})
     return rows
 
 
