@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import statistics
 import tempfile
@@ -145,15 +146,28 @@ def ablations(ctx: Context) -> Result:
     data = prepare_data(cfg0, teacher, tokenizer)
     teacher_ppl = perplexity(teacher, data.heldout, "teacher", cfg0.batch_size_eval)
     quiet = lambda **kw: tqdm(disable=True, **kw)  # noqa: E731
-    rows = []
     variants = list(itertools.product(grid["init"], grid["depth"], grid["loss"], grid["window"]))
+    # Finished variants are appended to a JSON-lines file, so an interrupted grid resumes.
+    progress_file = ctx.out / ("ablations_quick.jsonl" if ctx.quick else "ablations.jsonl")
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if progress_file.exists():
+        for line in progress_file.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["init"], row["depth"], row["loss"], row["window"])] = row
+    rows = []
     for n, (init, depth, loss, window) in enumerate(variants):
+        if (init, depth, loss, window) in done:
+            rows.append(done[(init, depth, loss, window)])
+            continue
         over = {"model": {"depth": depth, "window": window}, "transfer": {"xent_weight": spec["xent_weight"] if loss == "mse+attn" else 0.0}}
         cfg = RunConfig.from_dict(_merge(base, over))
         row = {"init": init, "depth": depth, "loss": loss, "window": window}
         row.update(_variant(teacher, data, cfg, init, cfg.seed, quiet))
         row["ppl/teacher"] = row["ppl"] / teacher_ppl
         rows.append(row)
+        with progress_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
         log.info("[%d/%d] %s: ppl %.2f -> %.2f (%.0f s)", n + 1, len(variants), variants[n], row["ppl_init"], row["ppl"], row["seconds"])
     table = [{k: v for k, v in r.items() if not k.startswith("layer_")} for r in rows]
 
