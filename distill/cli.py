@@ -23,6 +23,9 @@ def register_command(cls: type["Command"]) -> type["Command"]:
 class Command:
     name: ClassVar[str]
     help: ClassVar[str]
+    # Name of a positional ``nargs="*"`` argument that also collects trailing positionals given
+    # after options (argparse alone rejects ``cmd X --opt v key=value``); None = no such argument.
+    extra_args: ClassVar[str | None] = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...
@@ -54,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        collect = getattr(getattr(args, "_command", None), "extra_args", None)
+        if collect is None or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, collect, list(getattr(args, collect) or []) + extra)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

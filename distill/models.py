@@ -21,6 +21,21 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _forget_dequantized_gguf(model) -> None:
+    """transformers unpacks GGUF weights into plain float tensors on this path but leaves its GGUF
+    quantizer attached, which makes ``save_pretrained`` refuse the model; the weights are
+    ordinary, so drop the quantizer (a model with really packed weights keeps it)."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for ``spec``; errors are one-line :class:`DistillError`s."""
     if spec == DEMO:
@@ -33,6 +48,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
             kwargs = {"gguf_file": path.name}
             model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            _forget_dequantized_gguf(model)
         elif path.exists():
             if not path.is_dir() or not (path / "config.json").is_file():
                 raise DistillError(f"{spec} is not a model folder (no config.json) or a .gguf file")

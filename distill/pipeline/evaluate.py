@@ -1,0 +1,27 @@
+"""Held-out perplexity of the teacher (``distill_mode="teacher"``) or the student (``parallel``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, mode: str, batch: int, progress=None, desc: str = "eval") -> float:
+    """exp(mean next-token NLL) over ids [M, T] (every window scored from its first token)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    bar = progress(total=len(ids), desc=desc, unit="seq") if progress else None
+    for i in range(0, len(ids), batch):
+        x = ids[i : i + batch].to(device)
+        logits = model(input_ids=x, distill_mode=mode, use_cache=False).logits  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += x[:, 1:].numel()
+        if bar is not None:
+            bar.set_postfix(ppl=f"{math.exp(total / count):.2f}")
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    return math.exp(total / max(count, 1))

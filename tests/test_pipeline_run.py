@@ -1,0 +1,314 @@
+"""``distill convert`` end to end on a tiny model: outputs, resume, corrupt checkpoints, CLI errors."""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from pipeline_tiny import TINY_OVERRIDES, save_tiny_model, write_text
+from safetensors.torch import load_file
+
+from distill import load_converted
+from distill.cli import main
+from distill.errors import DistillError
+from distill.pipeline import finetune as finetune_mod
+from distill.pipeline import transfer as transfer_mod
+from distill.pipeline.config import load_run_config
+from distill.pipeline.evaluate import perplexity
+from distill.pipeline.run import convert
+
+FULL = TINY_OVERRIDES + [
+    "model.feature_map=hedgehog",
+    "model.window=4",
+    "finetune.enabled=true",
+    "finetune.steps=3",
+    "finetune.lr=0.003",
+    "finetune.lora_rank=2",
+    "finetune.checkpoint_every=1",
+    "finetune.eval_every=2",
+    "finetune.crop=16",
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"model": str(save_tiny_model(root / "model")), "data": str(write_text(root / "text.txt"))}
+
+
+def _cfg(assets, *extra):
+    return load_run_config(None, FULL + [f"data={assets['data']}", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One uninterrupted run that other tests compare against."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    report = convert(assets["model"], out, _cfg(assets))
+    return out, report
+
+
+def _weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def _same_model(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_outputs(reference):
+    out, report = reference
+    for key in ("teacher_ppl", "student_ppl", "tokens", "seconds", "layers"):
+        assert key in report
+    assert report["tokens"] == 256 and report["tokens_by_stage"]["finetune"] == 3 * 1 * 16
+    assert [p["step"] for p in report["finetune_ppl_curve"]] == [2, 3]
+    assert {"load", "data", "teacher_eval", "fit", "transfer", "finetune", "student_eval", "save", "total"} <= set(report["seconds"])
+    assert [r["layer"] for r in report["layers"]] == [0, 1]
+    for row in report["layers"]:
+        assert {"layer", "fit_error", "transfer_mse_before", "transfer_mse_after"} <= set(row)
+        assert row["transfer_mse_after"] < row["transfer_mse_before"]
+        assert len(row["heads"]) == 4
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["student_ppl"] == report["student_ppl"]
+    md = (out / "report.md").read_text()
+    assert "held-out perplexity" in md and "| 1 |" in md
+    assert {"fit.png", "transfer.png", "curves.png", "ppl_curve.png"} <= {p.name for p in out.glob("*.png")}
+    assert (out / "tokenizer.json").exists() and (out / "run.yaml").read_text().startswith("# distill convert")
+
+
+def test_saved_model_reloads_with_the_reported_perplexity(reference):
+    out, report = reference
+    model = load_converted(out)
+    heldout = load_file(str(out / "state" / "data.safetensors"))["heldout"]
+    assert perplexity(model, heldout, "parallel", 2) == pytest.approx(report["student_ppl"], rel=1e-4)
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interrupts_equals_uninterrupted(assets, reference, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = _cfg(assets)
+    real_train, real_loss = transfer_mod.train_layer, finetune_mod.distill_loss
+
+    def stop_at_layer_1(attn, *args, **kwargs):
+        if attn.layer_idx == 1:
+            raise Interrupt
+        return real_train(attn, *args, **kwargs)
+
+    monkeypatch.setattr(transfer_mod, "train_layer", stop_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        convert(assets["model"], out, cfg)
+    monkeypatch.setattr(transfer_mod, "train_layer", real_train)
+    calls = {"n": 0}
+
+    def stop_at_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Interrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_mod, "distill_loss", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        convert(assets["model"], out, cfg, resume=True)
+    manifest = json.loads((out / "state" / "manifest.json").read_text())
+    assert manifest["entries"]["finetune"]["meta"]["step"] == 2
+    monkeypatch.setattr(finetune_mod, "distill_loss", real_loss)
+    report = convert(assets["model"], out, cfg, resume=True)
+    _same_model(out, reference[0])
+    assert report["student_ppl"] == reference[1]["student_ppl"]
+
+
+def test_corrupt_checkpoint_restarts_from_the_last_good_step(assets, reference, tmp_path, caplog):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    layer1 = out / "state" / "transfer" / "layer_001.safetensors"
+    data = bytearray(layer1.read_bytes())
+    data[-5] ^= 0xFF  # same size, different bytes
+    layer1.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        report = convert(assets["model"], out, _cfg(assets), resume=True)
+    assert "transfer/layer_001 is corrupt or partial" in caplog.text
+    assert "sha256" in caplog.text
+    _same_model(out, reference[0])
+    assert report["student_ppl"] == reference[1]["student_ppl"]
+    # A truncated (partial) file early on: everything from it onwards is redone.
+    fit = out / "state" / "fit.safetensors"
+    fit.write_bytes(fit.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        convert(assets["model"], out, _cfg(assets), resume=True)
+    assert "checkpoint fit is corrupt or partial" in caplog.text and "bytes" in caplog.text
+    _same_model(out, reference[0])
+
+
+def test_run_folder_rules(assets, reference, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DistillError, match="not written by distill convert"):
+        convert(assets["model"], out, _cfg(assets), overwrite=True)
+    assert (out / "notes.txt").exists()
+    ref = reference[0]
+    with pytest.raises(DistillError, match="--resume .* or --overwrite"):
+        convert(assets["model"], ref, _cfg(assets))
+    with pytest.raises(DistillError, match="different settings .*transfer.steps"):
+        convert(assets["model"], ref, _cfg(assets, "transfer.steps=7"), resume=True)
+    with pytest.raises(DistillError, match="exclude each other"):
+        convert(assets["model"], ref, _cfg(assets), resume=True, overwrite=True)
+    # A bad MODEL leaves --out untouched (not even created).
+    with pytest.raises(DistillError):
+        convert(str(tmp_path / "no-model"), tmp_path / "fresh", _cfg(assets))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_nan_is_reported_in_the_report(assets, tmp_path, monkeypatch):
+    real = transfer_mod.student_output
+    calls = {"n": 0}
+
+    def poisoned(attn, q, k, v):
+        calls["n"] += 1
+        out = real(attn, q, k, v)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(transfer_mod, "student_output", poisoned)
+    report = convert(assets["model"], tmp_path / "run", _cfg(assets, "finetune.enabled=false"))
+    assert len(report["events"]) == 1 and report["events"][0]["hint"] == "lower transfer.lr"
+    assert "lower transfer.lr" in (tmp_path / "run" / "report.md").read_text()
+    assert torch.isfinite(torch.tensor(report["student_ppl"]))
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_convert_and_generate(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["convert", assets["model"], "--out", str(out), *TINY_OVERRIDES, f"data={assets['data']}"]
+    args.insert(2, "model.window=4")  # an override before --out works too
+    code, stdout, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "held-out perplexity: teacher" in stdout
+    code, stdout, _ = _cli(capsys, "generate", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
+    assert code == 0 and stdout.startswith("the cat")
+    code, stdout, _ = _cli(capsys, "generate", str(out), "--prompt", "the cat", "--max-new-tokens", "5", "--teacher")
+    assert code == 0 and stdout.startswith("the cat")
+
+
+def _gguf(path, arch="rwkv6"):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    return path
+
+
+def _not_causal(path):
+    from transformers import T5Config
+
+    T5Config(d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4, vocab_size=32).save_pretrained(path)
+    return path
+
+
+def _unsupported(path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=42, n_positions=64)).save_pretrained(path)
+    from pipeline_tiny import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _converted(path):
+    from pipeline_tiny import tiny_model, tiny_tokenizer
+
+    from distill import ConvertConfig, convert_model
+
+    convert_model(tiny_model(), ConvertConfig()).save_pretrained(path, tokenizer=tiny_tokenizer())
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda a, t: ["convert", str(t / "missing"), "--out", str(t / "o")], "does not exist"),
+        (lambda a, t: ["convert", str(t / "missing.gguf"), "--out", str(t / "o")], "GGUF file .* does not exist"),
+        (lambda a, t: ["convert", str(_gguf(t / "rwkv.gguf")), "--out", str(t / "o")], "architecture rwkv6 is not supported"),
+        (lambda a, t: ["convert", str(_not_causal(t / "t5")), "--out", str(t / "o")], "cannot load .* as a causal LM"),
+        (lambda a, t: ["convert", str(_unsupported(t / "gpt2")), "--out", str(t / "o"), f"data={a['data']}"], "model_type 'gpt2' is not supported"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "transfer.stepz=1"], "unknown config key stepz"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "--config", str(t / "none.yaml")], "config file .* does not exist"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "data=" + str(t / "nothing.txt")], "data file .* does not exist"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), *TINY_OVERRIDES, f"data={a['data']}", "calib_tokens=100000"], "fewer than calib_tokens"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "model.keep_softmax_layers=[5]"], "keep_softmax_layers has index 5"),
+        (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "model.feature_map=nope"], "unknown feature map 'nope'"),
+        (lambda a, t: ["convert", str(_converted(t / "conv")), "--out", str(t / "o")], "already a converted model"),
+        (lambda a, t: ["generate", str(t / "missing"), "--prompt", "x"], "not a model folder"),
+        (lambda a, t: ["generate", a["model"], "--prompt", "x"], "not a converted one"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(assets, tmp_path, capsys, make_args, message):
+    import re
+
+    code, _, err = _cli(capsys, *make_args(assets, tmp_path))
+    assert code == 2
+    # stderr may also hold transformers' loading progress bars; the error itself is one line.
+    lines = [line for line in err.splitlines() if line.startswith("distill:")]
+    assert len(lines) == 1 and lines[0].startswith("distill: error: ") and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_cli_non_empty_out_is_refused(assets, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("x")
+    code, _, err = _cli(capsys, "convert", assets["model"], "--out", str(tmp_path / "o"))
+    assert code == 2 and "is not empty" in err and "Traceback" not in err
+
+
+def test_cli_unknown_flag_is_a_usage_error(assets, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", assets["model"], "--out", str(tmp_path / "o"), "--frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_cli_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--config", "--resume", "--overwrite", "key=value", "MODEL"):
+        assert flag in text
+    for key in ("calib_tokens", "transfer.steps", "finetune.lora_rank", "fit.refine_iters", "model.window"):
+        assert key in text
+
+
+def test_cli_unreachable_hub_id_offline(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from distill.cli import main; sys.exit(main())", "convert", "no-such-org/no-such-model", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("distill: error: cannot load no-such-org/no-such-model") and "hub" in last
