@@ -153,8 +153,9 @@ class RunConfig:
     dtype: weights dtype: float32, bfloat16 or float16 (new parameters always train in fp32).
     device: auto (cuda if visible), cpu or cuda[:N].
     batch_size_eval: sequences per perplexity forward.
-    threads: CPU threads for torch; 0 = auto (torch's default on an idle machine, 1 when the
-        load average shows other work: small ops then run far faster on one thread).
+    threads: CPU threads for torch; 0 = auto: one thread on a machine with at most 2 cores (or
+        up to 4 cores with other work running), where torch's threads mostly wait on each
+        other at every small op; torch's default otherwise.
     """
 
     model: ConvertConfig = field(default_factory=ConvertConfig)

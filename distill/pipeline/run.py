@@ -72,8 +72,10 @@ def set_threads(requested: int) -> int:
     if not threads:
         threads = torch.get_num_threads()
         cores = os.cpu_count() or 1
-        if hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 and cores <= 4:
-            # Other work on a small machine: torch's threads then wait on each other at every op.
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75
+        if cores <= 2 or (busy and cores <= 4):
+            # Small ops dominate transfer; with few cores (and any other job running) torch's
+            # threads mostly wait on each other, measured up to 18x slower than one thread.
             threads = 1
     torch.set_num_threads(threads)
     return threads
