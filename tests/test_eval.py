@@ -185,6 +185,41 @@ def test_generate_until_uses_recurrent_cache_and_matches_uncached():
         assert text == want
 
 
+def hybrid_student(seed: int = 0):
+    """Depth-2 hedgehog stack with a 4-token softmax window: every part of the recurrent cache."""
+    return convert_model(tiny_llama(seed), ConvertConfig(feature_map="hedgehog", depth=2, window=4)).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_student, hybrid_student], ids=["teacher", "student", "hybrid"])
+def test_shared_context_loglikelihood_equals_lm_eval(make):
+    """One context run for all its choices gives lm-eval's own log-probabilities and greedy flags."""
+    from lm_eval.models.huggingface import HFLM
+
+    from distill.eval.shared_prefix import SharedPrefixLM
+
+    model, tok = make(), tiny_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    # (context length, continuation lengths): three shared groups of different lengths (one
+    # left-padded batch of two, then one), then a one-token context, a lone request and an
+    # over-long group, which take lm-eval's own path
+    for n_ctx, conts in [(20, [1, 3, 5]), (9, [2, 2, 4]), (3, [1, 4]), (1, [2, 3]), (30, [2]), (45, [6, 1])]:
+        ctx = torch.randint(0, 256, (n_ctx,), generator=g).tolist()
+        for n in conts:
+            requests.append(((f"ctx{n_ctx}", f"cont{n}"), ctx, torch.randint(0, 256, (n,), generator=g).tolist()))
+    plain = HFLM(pretrained=model, tokenizer=tok, batch_size=4, max_length=48)
+    shared = SharedPrefixLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=48)
+    batches = []
+    score = shared._score_groups
+    shared._score_groups = lambda groups: batches.append([len(c) for _, c in groups]) or score(groups)
+
+    want = plain._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert batches == [[3, 3], [2]]
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
+
+
 def test_recovery_and_relative_scores():
     ppl = runner.Row("t", "word_perplexity", student=20.0, teacher=10.0, higher_is_better=False)
     acc = runner.Row("t", "acc", student=0.4, teacher=0.5, chance=0.25)

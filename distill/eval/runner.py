@@ -1,6 +1,7 @@
 """Run lm-eval on in-memory models and compare a student with its teacher.
 
-Each model is wrapped in lm-eval's ``HFLM`` (no second download, no ``trust_remote_code``) and
+Each model is wrapped in lm-eval's ``HFLM`` (through :class:`SharedPrefixLM`, which runs a
+multiple-choice context once for all its choices; no second download, no ``trust_remote_code``) and
 scored by ``lm_eval.simple_evaluate``. The report holds lm-eval's own results for both models,
 one row per (task, metric) with the student's recovery of the teacher's score, a RADLADS-style
 relative score for multiple-choice accuracy (chance subtracted), and a one-line summary.
@@ -42,11 +43,12 @@ def evaluate_model(model, tokenizer, tasks: list[Any], *, manager=None, batch_si
                    max_length: int | None = None, limit: int | None = None) -> dict[str, Any]:
     """lm-eval results of one model on ``tasks`` (names, config dicts or Task/Group objects)."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from .shared_prefix import SharedPrefixLM
 
     model.eval()
     # Rolling perplexity splits text into windows of max_length tokens, so it is always explicit.
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length_for(model, max_length))
+    lm = SharedPrefixLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length_for(model, max_length))
     results = simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
     )
