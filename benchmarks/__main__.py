@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import ablations, model_cases  # noqa: F401  (register cases)
+from . import ablations, model_cases, run_cases  # noqa: F401  (register cases)
 from .runner import CASES, Context, run
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from distill import ConvertConfig, convert_model
+from distill import convert_model
 from distill.models import load_model
 from distill.pipeline.checkpoint import RunStore
 from distill.pipeline.config import RunConfig

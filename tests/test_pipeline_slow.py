@@ -41,3 +41,16 @@ def test_demo_smoke_conversion(tmp_path):
     )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("The capital of France is")
+
+    # the benchmark suite's conversion-cost and quality cases read this run; quality reloads the
+    # saved student and must reproduce the report's held-out perplexity
+    from benchmarks import run_cases
+    from benchmarks.runner import Context
+
+    ctx = Context(out=tmp_path / "bench", quick=True, student_dir=str(out))
+    quality = run_cases.quality(ctx)
+    assert quality.rows[0]["student"] == pytest.approx(report["student_ppl"], rel=1e-4)
+    assert quality.rows[0]["teacher"] == report["teacher_ppl"]
+    cost = run_cases.conversion(ctx)
+    assert [r["stage"] for r in cost.rows][-1] == "total"
+    assert {r["stage"] for r in cost.rows} >= {"fit", "transfer", "save"}

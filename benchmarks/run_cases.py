@@ -1,0 +1,101 @@
+"""Conversion cost and quality of a finished ``distill convert`` run (default ``runs/demo``).
+
+Both cases read what the run wrote (report.json, and eval.json from ``distill eval`` when
+present). Before reporting quality, the saved student is reloaded and its held-out perplexity
+recomputed on the run's own held-out windows: it must equal the figure in the report.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from .runner import Context, Result, case
+
+DEFAULT_RUN = Path("runs/demo")
+STAGES = ("load", "data", "teacher_eval", "fit", "transfer", "finetune", "student_eval", "save")
+
+
+def _run_dir(ctx: Context) -> Path:
+    run = Path(ctx.student_dir) if ctx.student_dir else DEFAULT_RUN
+    if not (run / "report.json").is_file():
+        raise FileNotFoundError(f"{run}/report.json not found; run `make demo` first or pass --student RUN_DIR")
+    return run
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+@case("conversion")
+def conversion(ctx: Context) -> Result:
+    run = _run_dir(ctx)
+    rep = _report(run)
+    seconds, tokens = rep["seconds"], rep.get("tokens_by_stage", {})
+    rows = []
+    for stage in STAGES:
+        if stage not in seconds:
+            continue
+        sec, tok = seconds[stage], tokens.get(stage)
+        rows.append({"stage": stage, "seconds": sec, "tokens": tok if tok is not None else "",
+                     "tokens_per_s": tok / sec if tok and sec else ""})
+    rows.append({"stage": "total", "seconds": seconds["total"], "tokens": sum(tokens.values()), "tokens_per_s": ""})
+
+    def plot(out: Path) -> Path:
+        import matplotlib.pyplot as plt
+
+        stages = [r for r in rows if r["stage"] != "total"]
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.barh([r["stage"] for r in stages][::-1], [r["seconds"] for r in stages][::-1])
+        ax.set(xlabel="seconds", title=f"conversion cost ({run.name}, {seconds['total']:.0f} s)")
+        fig.tight_layout()
+        path = out / "conversion.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    return Result(
+        rows,
+        notes=[
+            f"From {run}/report.json (`distill convert`, config in {run}/run.yaml). Tokens are those each stage "
+            "processed: fit = calibration tokens whose q/k it fitted on; transfer = tokens through one layer, "
+            "summed over layers and steps; finetune = tokens through the whole model.",
+            "Wall seconds are as measured during that run, on whatever else the machine was doing.",
+        ],
+        plots=[plot],
+    )
+
+
+@case("quality")
+def quality(ctx: Context) -> Result:
+    from distill import load_converted
+    from distill.models import load_model
+    from distill.pipeline.config import RunConfig
+    from distill.pipeline.data import prepare_data
+    from distill.pipeline.evaluate import perplexity
+
+    run = _run_dir(ctx)
+    rep = _report(run)
+    cfg = RunConfig.from_dict(yaml.safe_load((run / "run.yaml").read_text()))
+    student = load_converted(run).eval()
+    _, tokenizer = load_model(rep["model"])
+    data = prepare_data(cfg, student, tokenizer)  # the run's held-out windows (deterministic split)
+    ppl = perplexity(student, data.heldout, "parallel", cfg.batch_size_eval)
+    if not math.isclose(ppl, rep["student_ppl"], rel_tol=1e-4):  # correctness first: the saved model is the measured one
+        raise AssertionError(f"reloaded student perplexity {ppl:.4f} != report's {rep['student_ppl']:.4f}")
+    rows = [{"task": "held-out perplexity", "metric": f"ppl ({rep['heldout_tokens']} tokens)",
+             "teacher": rep["teacher_ppl"], "student": ppl, "recovery_%": 100 * rep["teacher_ppl"] / ppl, "relative_%": ""}]
+    notes = [f"Held-out perplexity recomputed from the saved student in {run} (equals the report's); teacher from the report."]
+    eval_path = run / "eval.json"
+    if eval_path.is_file():
+        ev = json.loads(eval_path.read_text())
+        for r in ev["rows"]:
+            rows.append({"task": r["task"], "metric": r["metric"], "teacher": r["teacher"], "student": r["student"],
+                         "recovery_%": r["recovery"] if r["recovery"] is not None else "",
+                         "relative_%": r["relative"] if r["relative"] is not None else ""})
+        notes.append(f"Offline lm-eval suite from {eval_path}: {ev['summary']}")
+    else:
+        notes.append(f"No {eval_path}: run `distill eval {run} --teacher {rep['model']} --tasks offline --out {eval_path}`.")
+    return Result(rows, notes=notes)
