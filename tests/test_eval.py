@@ -327,3 +327,23 @@ def test_cli_teacher_vs_student_report(task_dir, tmp_path, capsys):
     assert "| task | metric | teacher | student | recovery % | relative % |" in table
     assert report["summary"] in table and "recovers" in report["summary"]
     assert not list(tmp_path.glob(".report*"))  # no temporary files left behind
+
+
+def test_dtype_applies_to_both_models(task_dir):
+    """--dtype bfloat16 casts teacher and student; perplexities stay close to float32's."""
+    loaded = []
+
+    def loader(spec):
+        model = tiny_llama() if spec == "teacher" else tiny_student()
+        loaded.append(model)
+        return model, tiny_tokenizer()
+
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        report = runner.run({"student": "student", "teacher": "teacher"}, "tiny_ppl", include_path=str(task_dir),
+                            max_length=64, dtype=dtype, loader=loader)
+        ppl[dtype] = {r["metric"]: (r["teacher"], r["student"]) for r in report["rows"]}
+        assert report["settings"]["dtype"] == dtype
+    assert [next(m.parameters()).dtype for m in loaded] == [torch.float32] * 2 + [torch.bfloat16] * 2
+    (t32, s32), (t16, s16) = ppl["float32"]["word_perplexity"], ppl["bfloat16"]["word_perplexity"]
+    assert t16 == pytest.approx(t32, rel=0.05) and s16 == pytest.approx(s32, rel=0.05)

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import DistillError
 from . import tasks as T
 
@@ -183,8 +185,10 @@ def _top_name(obj) -> str:
 
 
 def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
-        batch_size: int = 8, max_length: int | None = None, loader: Callable | None = None) -> dict[str, Any]:
-    """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``.
+        batch_size: int = 8, max_length: int | None = None, dtype: str = "float32",
+        loader: Callable | None = None) -> dict[str, Any]:
+    """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``,
+    both with weights in ``dtype``.
 
     Tasks are resolved, and their data fetched, before any model is loaded, so a bad task name or
     a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec)`` ->
@@ -211,6 +215,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
             continue
         start = time.perf_counter()
         model, tokenizer = loader(models[role])
+        model = model.to(getattr(torch, dtype))
         lengths[role] = max_length_for(model, max_length)
         objects = objects or T.load_tasks(plan, manager)  # fresh Task objects for each model
         log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])
@@ -226,7 +231,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     return {
         "tasks": names,
         "models": {role: models.get(role) for role in ("student", "teacher")},
-        "settings": {"limit": limit, "batch_size": batch_size, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
         "wall_time_s": wall,
         "chance": chance,
         "rows": [r.to_dict() for r in rows],
