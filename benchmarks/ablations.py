@@ -69,7 +69,23 @@ def _state_bytes(model) -> int:
     return cache.nbytes()
 
 
-def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict:
+def _initialise(model, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict:
+    """Apply ``init`` to a freshly converted model; returns its fit errors (poly-fit only)."""
+    torch.manual_seed(seed)
+    if init == "random":
+        _random_projection(model, seed)
+    if init == "poly-fit":
+        fit = run_fit(model, data.train, cfg.fit, quiet)
+        return {"fit_error": statistics.mean(r["fit_error"] for r in fit)}
+    if cfg.model.window:
+        _set_mixing(model, data.train, cfg)
+    return {}
+
+
+def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet, starts: dict) -> dict:
+    """Convert, initialise, transfer, measure. ``starts`` memoises the initialised sublayer-1
+    parameters and budget-0 perplexity per (init, window): a deeper stack starts exactly equal to
+    depth 1 (zero-initialised residual sublayers) and the loss only matters once training starts."""
     model = convert_model(copy.deepcopy(teacher), cfg.model)
     model.requires_grad_(False)
     for i in converted_layers(model):
@@ -77,21 +93,21 @@ def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict
             p.data = p.data.float()
             p.requires_grad_(True)
     start = time.time()
-    torch.manual_seed(seed)
-    if init == "random":
-        _random_projection(model, seed)
-    if init == "poly-fit":
-        fit = run_fit(model, data.train, cfg.fit, quiet)
-    elif cfg.model.window:
-        _set_mixing(model, data.train, cfg)
-    batch = cfg.batch_size_eval
-    ppl_init = perplexity(model, data.heldout, "parallel", batch)
+    key = (init, cfg.model.window)
+    if key not in starts:
+        extra = _initialise(model, data, cfg, init, seed, quiet)
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and ".stack." not in n}
+        ppl_init = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
+        starts[key] = (params, ppl_init, extra)
+    params, ppl_init, extra = starts[key]
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    assert not unexpected, unexpected
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp))
         store.create({})
         layers = run_transfer(model, data.train, data.heldout, cfg.transfer, seed, store, quiet)
-    ppl = perplexity(model, data.heldout, "parallel", batch)
-    row = {
+    ppl = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
+    return {
         "ppl_init": ppl_init,
         "ppl": ppl,
         "err_before": statistics.mean(r["transfer_mse_before"] for r in layers),
@@ -100,10 +116,8 @@ def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict
         "seconds": time.time() - start,
         "layer_err_before": [r["transfer_mse_before"] for r in layers],
         "layer_err_after": [r["transfer_mse_after"] for r in layers],
+        **extra,
     }
-    if init == "poly-fit":
-        row["fit_error"] = statistics.mean(r["fit_error"] for r in fit)
-    return row
 
 
 def _mean(rows, key, **where) -> float:
@@ -155,7 +169,7 @@ def ablations(ctx: Context) -> Result:
         for line in progress_file.read_text().splitlines():
             row = json.loads(line)
             done[(row["init"], row["depth"], row["loss"], row["window"])] = row
-    rows = []
+    rows, starts = [], {}
     for n, (init, depth, loss, window) in enumerate(variants):
         if (init, depth, loss, window) in done:
             rows.append(done[(init, depth, loss, window)])
@@ -163,7 +177,7 @@ def ablations(ctx: Context) -> Result:
         over = {"model": {"depth": depth, "window": window}, "transfer": {"xent_weight": spec["xent_weight"] if loss == "mse+attn" else 0.0}}
         cfg = RunConfig.from_dict(_merge(base, over))
         row = {"init": init, "depth": depth, "loss": loss, "window": window}
-        row.update(_variant(teacher, data, cfg, init, cfg.seed, quiet))
+        row.update(_variant(teacher, data, cfg, init, cfg.seed, quiet, starts))
         row["ppl/teacher"] = row["ppl"] / teacher_ppl
         rows.append(row)
         with progress_file.open("a") as f:
