@@ -31,7 +31,7 @@ from distill.pipeline.params import converted_layers, new_parameters
 from distill.pipeline.stream import decoder_layers
 from distill.pipeline.transfer import run_transfer
 
-from .runner import Context, Result, case
+from .runner import Context, Result, case, save_figure
 
 log = logging.getLogger("benchmarks.ablations")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ablations.yaml"
@@ -197,11 +197,7 @@ def ablations(ctx: Context) -> Result:
             ax.axhline(teacher_ppl, color="k", ls=":", label="teacher")
             ax.set(yscale="log", xlabel="transfer steps per layer", ylabel="held-out ppl", title=f"window {window}")
             ax.legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        path = out / "ablation_ppl.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "ablation_ppl.png")
 
     def plot_layers(out: Path) -> Path:
         import matplotlib.pyplot as plt
@@ -214,11 +210,7 @@ def ablations(ctx: Context) -> Result:
                 ax.plot(pick[0]["layer_err_after"], "-", label=f"{init} after")
         ax.set(yscale="log", xlabel="layer", ylabel="relative output MSE", title=f"per-layer transfer error (depth 1, mse, window {grid['window'][0]})")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "ablation_layers.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "ablation_layers.png")
 
     notes = [
         f"Teacher held-out perplexity {teacher_ppl:.3f} on {data.heldout.numel()} tokens; calibration {data.train.numel()} tokens; "

@@ -33,6 +33,8 @@ import torch
 import distill_kernels as ops
 from distill_kernels import poly
 
+from .runner import save_figure
+
 log = logging.getLogger("benchmarks.kernels")
 CHUNK = 64
 
@@ -357,9 +359,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {mode}")
         ax.set(xscale="log", yscale="log", xlabel="T", ylabel="ms", title=f"chunked scan, F={F}")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_kernel_suite(

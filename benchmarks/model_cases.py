@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from distill import ConvertConfig, convert_model, load_converted
 from distill.models import load_model
 
-from .runner import Context, Result, case, median_time
+from .runner import Context, Result, case, median_time, save_figure
 
 DEMO_STUDENT = ConvertConfig(feature_map="hedgehog", window=64)
 
@@ -128,11 +128,7 @@ def decode(ctx: Context) -> Result:
         ax[1].set(xscale="log", yscale="log", xlabel="context tokens", ylabel="MiB", title="cache memory")
         for a in ax:
             a.legend()
-        fig.tight_layout()
-        path = out / "decode.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "decode.png")
 
     return Result(
         rows,
@@ -174,11 +170,7 @@ def prefill(ctx: Context) -> Result:
         ax.plot(x, [r["student_tok_per_s"] for r in rows], "o-", label="student")
         ax.set(xscale="log", xlabel="prompt tokens", ylabel="tokens / s", title="prefill throughput")
         ax.legend()
-        fig.tight_layout()
-        path = out / "prefill.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "prefill.png")
 
     return Result(rows, notes=["Median of 3 prefills (batch 1, cache built, last logits only), same process."], plots=[plot])
 
@@ -239,11 +231,7 @@ def memory(ctx: Context) -> Result:
                 ax.axhline(r["state_MB"], color=color, ls="--" if r["window"] else "-", lw=1, label=f"{r['feature_map']} w={r['window']}")
         ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="MiB (all layers)", title="state vs KV cache")
         ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        path = out / "memory.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "memory.png")
 
     return Result(
         rows,

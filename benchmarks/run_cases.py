@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .runner import Context, Result, case
+from .runner import Context, Result, case, save_figure
 
 DEFAULT_RUN = Path("runs/demo")
 STAGES = ("load", "data", "teacher_eval", "fit", "transfer", "finetune", "student_eval", "save")
@@ -33,7 +33,8 @@ def _report(run: Path) -> dict:
 def conversion(ctx: Context) -> Result:
     run = _run_dir(ctx)
     rep = _report(run)
-    seconds, tokens = rep["seconds"], rep.get("tokens_by_stage", {})
+    seconds = rep["seconds"]
+    tokens = rep.get("tokens_by_stage", {}) | {"teacher_eval": rep["heldout_tokens"], "student_eval": rep["heldout_tokens"]}
     rows = []
     for stage in STAGES:
         if stage not in seconds:
@@ -41,7 +42,7 @@ def conversion(ctx: Context) -> Result:
         sec, tok = seconds[stage], tokens.get(stage)
         rows.append({"stage": stage, "seconds": sec, "tokens": tok if tok is not None else "",
                      "tokens_per_s": tok / sec if tok and sec else ""})
-    rows.append({"stage": "total", "seconds": seconds["total"], "tokens": sum(tokens.values()), "tokens_per_s": ""})
+    rows.append({"stage": "total", "seconds": seconds["total"], "tokens": "", "tokens_per_s": ""})
 
     def plot(out: Path) -> Path:
         import matplotlib.pyplot as plt
@@ -50,18 +51,14 @@ def conversion(ctx: Context) -> Result:
         fig, ax = plt.subplots(figsize=(6, 3))
         ax.barh([r["stage"] for r in stages][::-1], [r["seconds"] for r in stages][::-1])
         ax.set(xlabel="seconds", title=f"conversion cost ({run.name}, {seconds['total']:.0f} s)")
-        fig.tight_layout()
-        path = out / "conversion.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / "conversion.png")
 
     return Result(
         rows,
         notes=[
             f"From {run}/report.json (`distill convert`, config in {run}/run.yaml). Tokens are those each stage "
             "processed: fit = calibration tokens whose q/k it fitted on; transfer = tokens through one layer, "
-            "summed over layers and steps; finetune = tokens through the whole model.",
+            "summed over layers and steps; finetune = tokens through the whole model; *_eval = held-out tokens.",
             "Wall seconds are as measured during that run, on whatever else the machine was doing.",
         ],
         plots=[plot],

@@ -161,3 +161,21 @@ def test_finetune_lowers_the_kl_and_merges():
     assert store.meta("finetune")["step"] == 12
     assert type(merged).__name__ == "DistillLlamaForCausalLM"
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_finetune_nan_rolls_back_and_is_reported(monkeypatch):
+    from distill.pipeline import finetune as finetune_mod
+
+    model = _student(feature_map="hedgehog")
+    real, calls = finetune_mod.distill_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) * (float("nan") if calls["n"] == 3 else 1.0)  # step index 2
+
+    monkeypatch.setattr(finetune_mod, "distill_loss", poisoned)
+    cfg = FinetuneConfig(enabled=True, steps=6, batch_size=2, lr=1e-2, lora_rank=4, checkpoint_every=100)
+    merged, metrics = run_finetune(model, IDS, cfg, 0, MemoryStore(), NoBar)
+    assert [e["step"] for e in metrics["events"]] == [2] and "lower finetune.lr" in metrics["events"][0]["hint"]
+    assert metrics["steps"] == 6 and len(metrics["curve"]) == 6 and all(math.isfinite(v) for v in metrics["curve"])
+    assert all(torch.isfinite(p).all() for p in merged.parameters())

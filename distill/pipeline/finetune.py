@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import FinetuneConfig
 from .evaluate import perplexity
-from .params import all_finite, converted_layers, new_parameters
+from .params import LastGood, converted_layers, new_parameters
 from .transfer import constrain
 from .stream import decoder_layers
 
@@ -118,7 +118,7 @@ def run_finetune(model, ids: torch.Tensor, cfg: FinetuneConfig, seed: int, store
         log.info("finetune: resuming at step %d/%d", start, cfg.steps)
     device = next(model.parameters()).device
     lr = cfg.lr * 0.5 ** len(events)
-    good = {n: p.detach().clone() for n, p in params.items()}
+    last_good = LastGood(params)
     bar = progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
     began = time.time()
     peft_model.train()
@@ -139,10 +139,7 @@ def run_finetune(model, ids: torch.Tensor, cfg: FinetuneConfig, seed: int, store
             optimizer.step()
             for i in converted_layers(model):
                 constrain(decoder_layers(model)[i].self_attn)
-        if not math.isfinite(value) or not all_finite(params.values()):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(good[n])
+        if not last_good.keep(value):
             lr /= 2
             optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
             events.append(
@@ -159,9 +156,6 @@ def run_finetune(model, ids: torch.Tensor, cfg: FinetuneConfig, seed: int, store
                 log.warning("finetune: stopping after %d rollbacks", MAX_ROLLBACKS)
                 break
             continue
-        with torch.no_grad():
-            for n, p in params.items():
-                good[n].copy_(p)
         curve.append(value)
         step += 1
         bar.set_postfix(loss=f"{value:.4f}")

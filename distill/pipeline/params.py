@@ -6,6 +6,8 @@ only these, keyed by their names in the model's state dict.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -65,3 +67,20 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], layers: list[in
 
 def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class LastGood:
+    """The last parameters that were all finite, for rolling back a step that produced NaN/inf."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        self.params = params
+        self.good = {n: p.detach().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def keep(self, loss: float) -> bool:
+        """After a step: commit the parameters if ``loss`` and all of them are finite (True), else
+        restore the last good ones (False)."""
+        ok = math.isfinite(loss) and all_finite(self.params.values())
+        for name, p in self.params.items():
+            (self.good[name].copy_(p) if ok else p.copy_(self.good[name]))
+        return ok

@@ -27,7 +27,7 @@ import torch
 from ..layer import LinearAttention
 from .config import TransferConfig
 from .fit import apply_constraints
-from .params import all_finite, converted_layers, layer_state, load_state, new_parameters
+from .params import LastGood, converted_layers, layer_state, load_state, new_parameters
 from .stream import attention_input, decoder_layers, embed, position_embeddings, run_layer
 from .weights import attention_xent, query_index, student_weights, teacher_scores
 
@@ -93,7 +93,7 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
     generator = torch.Generator().manual_seed(seed)
     lr = cfg.lr
     optimizer = torch.optim.Adam(params.values(), lr=lr)
-    good = {n: p.detach().clone() for n, p in params.items()}
+    last_good = LastGood(params)
     idx = query_index(q.shape[1], cfg.xent_queries, start=attn.window, device=q.device)
     curve, events = [], []
     for step in range(cfg.steps):
@@ -114,10 +114,7 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
         if math.isfinite(value):
             optimizer.step()
             constrain(attn)
-        if not math.isfinite(value) or not all_finite(params.values()):
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(good[n])
+        if not last_good.keep(value):
             lr /= 2
             optimizer = torch.optim.Adam(params.values(), lr=lr)
             events.append(
@@ -135,9 +132,6 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
                 log.warning("layer %d: stopping after %d rollbacks; keeping its last good parameters", attn.layer_idx, MAX_ROLLBACKS)
                 break
             continue
-        with torch.no_grad():
-            for n, p in params.items():
-                good[n].copy_(p)
         curve.append(value)
         if bar is not None:
             bar.set_postfix(layer=attn.layer_idx, loss=f"{value:.4f}")
