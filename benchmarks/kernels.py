@@ -33,6 +33,7 @@ import torch
 import distill_kernels as ops
 from distill_kernels import poly
 
+from . import runner
 from .runner import save_figure
 
 log = logging.getLogger("benchmarks.kernels")
@@ -388,6 +389,13 @@ def run_kernel_suite(
     except Exception as err:  # a broken plot must not lose the numbers
         log.warning("plot failed: %s", err)
     return data
+
+
+@runner.case("kernels")
+def kernels_case(ctx: runner.Context) -> runner.Result:
+    """The op-level suite as a case of ``python -m benchmarks`` (its own report goes to DIR/kernels/)."""
+    data = run_kernel_suite(ctx.out / "kernels", ctx.quick)
+    return runner.Result(data["rows"], notes=data["notes"] + ["Full report: kernels/kernels.md and kernels/kernels.png."])
 
 
 def write_results(out: Path, name: str, device: torch.device, rows: list[dict], every: bool) -> dict:
