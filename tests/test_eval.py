@@ -347,3 +347,34 @@ def test_dtype_applies_to_both_models(task_dir):
     assert [next(m.parameters()).dtype for m in loaded] == [torch.float32] * 2 + [torch.bfloat16] * 2
     (t32, s32), (t16, s16) = ppl["float32"]["word_perplexity"], ppl["bfloat16"]["word_perplexity"]
     assert t16 == pytest.approx(t32, rel=0.05) and s16 == pytest.approx(s32, rel=0.05)
+
+
+def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
+    """Teacher and student scored in two runs, then compared without evaluating anything again."""
+    def loader(spec):
+        return (tiny_llama() if spec == "teacher" else tiny_student()), tiny_tokenizer()
+
+    common = dict(include_path=str(task_dir), max_length=64, loader=loader)
+    paths = {}
+    for spec in ("teacher", "student"):
+        paths[spec] = tmp_path / f"{spec}.json"
+        runner.write_report(runner.run({"student": spec}, "tiny_mc,tiny_ppl", **common), paths[spec])
+
+    def no_loading(spec):
+        raise AssertionError(f"{spec} was evaluated again")
+
+    both = runner.run({"student": "student", "teacher": "teacher"}, "tiny_mc,tiny_ppl", include_path=str(task_dir),
+                      max_length=64, reuse=list(paths.values()), loader=no_loading)
+    direct = runner.run({"student": "student", "teacher": "teacher"}, "tiny_mc,tiny_ppl", **common)
+    assert both["reused"] == {"teacher": str(paths["teacher"]), "student": str(paths["student"])}
+    assert [(r["task"], r["metric"]) for r in both["rows"]] == [(r["task"], r["metric"]) for r in direct["rows"]]
+    for got, want in zip(both["rows"], direct["rows"]):
+        assert (got["teacher"], got["student"]) == pytest.approx((want["teacher"], want["student"]), rel=1e-6)
+
+    with pytest.raises(DistillError, match="other tasks or settings"):  # a different limit is not reused
+        runner.run({"student": "student"}, "tiny_mc,tiny_ppl", limit=2, reuse=[paths["student"]], **common)
+    with pytest.raises(DistillError, match="not other"):
+        runner.run({"student": "other"}, "tiny_mc,tiny_ppl", reuse=[paths["student"]], **common)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DistillError, match="not a readable distill eval report"):
+        runner.run({"student": "student"}, "tiny_mc,tiny_ppl", reuse=[tmp_path / "bad.json"], **common)

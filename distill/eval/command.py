@@ -33,6 +33,9 @@ class EvalCommand(Command):
         parser.add_argument("--dtype", default="float32", choices=DTYPES,
                             help="weights dtype of both models (default float32; bfloat16 is 2-3x faster on "
                                  "CPUs with AVX512-BF16 and moved the demo's perplexities by < 0.1%%)")
+        parser.add_argument("--reuse", nargs="+", default=[], metavar="REPORT.json",
+                            help="earlier distill eval reports: a model already scored there with the same tasks "
+                                 "and settings is not evaluated again (score the teacher once for many students)")
         parser.add_argument("--out", required=True, type=Path, metavar="FILE.json",
                             help="report: JSON with every metric; the Markdown table goes beside it as FILE.md")
 
@@ -50,6 +53,7 @@ class EvalCommand(Command):
             batch_size=args.batch_size,
             max_length=args.max_length,
             dtype=args.dtype,
+            reuse=args.reuse,
         )
         md = write_report(report, args.out)
         log.info("\n%s", report["markdown"])

@@ -186,9 +186,11 @@ def _top_name(obj) -> str:
 
 def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_length: int | None = None, dtype: str = "float32",
-        loader: Callable | None = None) -> dict[str, Any]:
+        reuse: list[str | Path] | None = None, loader: Callable | None = None) -> dict[str, Any]:
     """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``,
-    both with weights in ``dtype``.
+    both with weights in ``dtype``. A model already scored in one of the ``reuse`` reports (same
+    model, tasks, limit, dtype and max_length) is taken from there instead of evaluated again: a
+    teacher is scored once for many students, and teacher and student can run as two processes.
 
     Tasks are resolved, and their data fetched, before any model is loaded, so a bad task name or
     a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec)`` ->
@@ -210,8 +212,14 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     results: dict[str, dict[str, Any]] = {}
     wall: dict[str, float] = {}
     lengths: dict[str, int] = {}
+    reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length)
+    for role, (path, prior, prior_role) in reused.items():
+        log.info("%s %s: results reused from %s", role, models[role], path)
+        results[role] = prior["lm_eval"][prior_role]
+        wall[role] = prior["wall_time_s"][prior_role]
+        lengths[role] = prior["settings"]["max_length"][prior_role]
     for role in ("teacher", "student"):
-        if models.get(role) is None:
+        if models.get(role) is None or role in reused:
             continue
         start = time.perf_counter()
         model, tokenizer = loader(models[role])
@@ -231,6 +239,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     return {
         "tasks": names,
         "models": {role: models.get(role) for role in ("student", "teacher")},
+        "reused": {role: str(path) for role, (path, _, _) in reused.items()},
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
         "wall_time_s": wall,
         "chance": chance,
@@ -239,6 +248,42 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         "markdown": markdown(rows),
         "lm_eval": {"student": results["student"], "teacher": results.get("teacher")},
     }
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Specs name the same model: equal strings, or the same local path."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[str], *, limit, dtype,
+           max_length) -> dict[str, tuple[Path, dict, str]]:
+    """role -> (report path, report, role in that report) for each model a previous report scored
+    with the same tasks and settings. Every report must match one of the models."""
+    found: dict[str, tuple[Path, dict, str]] = {}
+    for path in map(Path, paths):
+        try:
+            prior = json.loads(path.read_text(encoding="utf-8"))
+            prior_models, settings = prior["models"], prior["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DistillError(f"--reuse {path}: not a readable distill eval report ({err})") from None
+        matched = False
+        for role, spec in models.items():
+            for prior_role, prior_spec in prior_models.items():
+                if spec is None or prior_spec is None or not _same_model(spec, prior_spec):
+                    continue
+                same = (prior["tasks"] == names and settings["limit"] == limit and settings.get("dtype", "float32") == dtype
+                        and (max_length is None or settings["max_length"][prior_role] == max_length))
+                if not same:
+                    raise DistillError(
+                        f"--reuse {path}: {spec} was scored there with other tasks or settings (tasks {prior['tasks']}, "
+                        f"limit {settings['limit']}, dtype {settings.get('dtype', 'float32')}, max_length "
+                        f"{settings['max_length'][prior_role]}); run without --reuse or with matching options"
+                    )
+                found[role], matched = (path, prior, prior_role), True
+        if not matched:
+            raise DistillError(f"--reuse {path}: it scored {', '.join(s for s in prior_models.values() if s)}, "
+                               f"not {' or '.join(s for s in models.values() if s)}")
+    return found
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
