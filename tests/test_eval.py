@@ -355,10 +355,11 @@ def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
         return (tiny_llama() if spec == "teacher" else tiny_student()), tiny_tokenizer()
 
     common = dict(include_path=str(task_dir), max_length=64, loader=loader)
-    paths = {}
-    for spec in ("teacher", "student"):
-        paths[spec] = tmp_path / f"{spec}.json"
-        runner.write_report(runner.run({"student": spec}, "tiny_mc,tiny_ppl", **common), paths[spec])
+    paths = {"teacher": tmp_path / "teacher.json"}
+    runner.write_report(runner.run({"student": "teacher"}, "tiny_mc,tiny_ppl", **common), paths["teacher"])
+    for task in ("tiny_mc", "tiny_ppl"):  # the student's tasks in two runs, merged below
+        paths[task] = tmp_path / f"student_{task}.json"
+        runner.write_report(runner.run({"student": "student"}, task, **common), paths[task])
 
     def no_loading(spec):
         raise AssertionError(f"{spec} was evaluated again")
@@ -366,15 +367,17 @@ def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
     both = runner.run({"student": "student", "teacher": "teacher"}, "tiny_mc,tiny_ppl", include_path=str(task_dir),
                       max_length=64, reuse=list(paths.values()), loader=no_loading)
     direct = runner.run({"student": "student", "teacher": "teacher"}, "tiny_mc,tiny_ppl", **common)
-    assert both["reused"] == {"teacher": str(paths["teacher"]), "student": str(paths["student"])}
+    assert both["reused"] == {"teacher": [str(paths["teacher"])], "student": [str(paths["tiny_mc"]), str(paths["tiny_ppl"])]}
     assert [(r["task"], r["metric"]) for r in both["rows"]] == [(r["task"], r["metric"]) for r in direct["rows"]]
     for got, want in zip(both["rows"], direct["rows"]):
         assert (got["teacher"], got["student"]) == pytest.approx((want["teacher"], want["student"]), rel=1e-6)
 
     with pytest.raises(DistillError, match="other tasks or settings"):  # a different limit is not reused
-        runner.run({"student": "student"}, "tiny_mc,tiny_ppl", limit=2, reuse=[paths["student"]], **common)
+        runner.run({"student": "student"}, "tiny_mc,tiny_ppl", limit=2, reuse=[paths["tiny_mc"]], **common)
+    with pytest.raises(DistillError, match="do not cover tiny_ppl"):
+        runner.run({"student": "student"}, "tiny_mc,tiny_ppl", reuse=[paths["tiny_mc"]], **common)
     with pytest.raises(DistillError, match="not other"):
-        runner.run({"student": "other"}, "tiny_mc,tiny_ppl", reuse=[paths["student"]], **common)
+        runner.run({"student": "other"}, "tiny_mc,tiny_ppl", reuse=[paths["tiny_mc"]], **common)
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DistillError, match="not a readable distill eval report"):
         runner.run({"student": "student"}, "tiny_mc,tiny_ppl", reuse=[tmp_path / "bad.json"], **common)

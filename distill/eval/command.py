@@ -34,8 +34,8 @@ class EvalCommand(Command):
                             help="weights dtype of both models (default float32; bfloat16 is 2-3x faster on "
                                  "CPUs with AVX512-BF16 and moved the demo's perplexities by < 0.1%%)")
         parser.add_argument("--reuse", nargs="+", default=[], metavar="REPORT.json",
-                            help="earlier distill eval reports: a model already scored there with the same tasks "
-                                 "and settings is not evaluated again (score the teacher once for many students)")
+                            help="earlier distill eval reports: a model already scored there on these tasks (or, across "
+                                 "several reports, on parts of them) with the same settings is not evaluated again")
         parser.add_argument("--out", required=True, type=Path, metavar="FILE.json",
                             help="report: JSON with every metric; the Markdown table goes beside it as FILE.md")
 

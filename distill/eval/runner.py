@@ -213,11 +213,9 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     wall: dict[str, float] = {}
     lengths: dict[str, int] = {}
     reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length)
-    for role, (path, prior, prior_role) in reused.items():
-        log.info("%s %s: results reused from %s", role, models[role], path)
-        results[role] = prior["lm_eval"][prior_role]
-        wall[role] = prior["wall_time_s"][prior_role]
-        lengths[role] = prior["settings"]["max_length"][prior_role]
+    for role, prior in reused.items():
+        log.info("%s %s: results reused from %s", role, models[role], ", ".join(prior["from"]))
+        results[role], wall[role], lengths[role] = prior["results"], prior["wall"], prior["max_length"]
     for role in ("teacher", "student"):
         if models.get(role) is None or role in reused:
             continue
@@ -239,7 +237,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     return {
         "tasks": names,
         "models": {role: models.get(role) for role in ("student", "teacher")},
-        "reused": {role: str(path) for role, (path, _, _) in reused.items()},
+        "reused": {role: prior["from"] for role, prior in reused.items()},
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
         "wall_time_s": wall,
         "chance": chance,
@@ -256,10 +254,11 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[str], *, limit, dtype,
-           max_length) -> dict[str, tuple[Path, dict, str]]:
-    """role -> (report path, report, role in that report) for each model a previous report scored
-    with the same tasks and settings. Every report must match one of the models."""
-    found: dict[str, tuple[Path, dict, str]] = {}
+           max_length) -> dict[str, dict[str, Any]]:
+    """role -> {"results", "wall", "max_length", "from"} for each model that earlier reports scored
+    on all of ``names`` with the same settings; one report may cover some of the tasks and another
+    the rest (the model's wall time is then their sum). Every report must match one of the models."""
+    parts: dict[str, list[tuple[Path, dict, str]]] = {}
     for path in map(Path, paths):
         try:
             prior = json.loads(path.read_text(encoding="utf-8"))
@@ -271,7 +270,8 @@ def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[s
             for prior_role, prior_spec in prior_models.items():
                 if spec is None or prior_spec is None or not _same_model(spec, prior_spec):
                     continue
-                same = (prior["tasks"] == names and settings["limit"] == limit and settings.get("dtype", "float32") == dtype
+                same = (set(prior["tasks"]) <= set(names) and settings["limit"] == limit
+                        and settings.get("dtype", "float32") == dtype
                         and (max_length is None or settings["max_length"][prior_role] == max_length))
                 if not same:
                     raise DistillError(
@@ -279,10 +279,28 @@ def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[s
                         f"limit {settings['limit']}, dtype {settings.get('dtype', 'float32')}, max_length "
                         f"{settings['max_length'][prior_role]}); run without --reuse or with matching options"
                     )
-                found[role], matched = (path, prior, prior_role), True
+                parts.setdefault(role, []).append((path, prior, prior_role))
+                matched = True
         if not matched:
             raise DistillError(f"--reuse {path}: it scored {', '.join(s for s in prior_models.values() if s)}, "
                                f"not {' or '.join(s for s in models.values() if s)}")
+    found = {}
+    for role, reports in parts.items():
+        covered = {t for _, prior, _ in reports for t in prior["tasks"]}
+        if covered != set(names):
+            missing = ", ".join(t for t in names if t not in covered)
+            raise DistillError(f"--reuse: the reports of {models[role]} do not cover {missing}; score it there first")
+        merged: dict[str, Any] = {}
+        for _, prior, prior_role in reports:
+            for key, value in prior["lm_eval"][prior_role].items():
+                if isinstance(value, dict):
+                    merged.setdefault(key, {}).update(value)  # per-task entries: results, higher_is_better, ...
+        found[role] = {
+            "results": merged,
+            "wall": sum(prior["wall_time_s"][r] for _, prior, r in reports),
+            "max_length": reports[0][1]["settings"]["max_length"][reports[0][2]],
+            "from": [str(path) for path, _, _ in reports],
+        }
     return found
 
 
