@@ -119,15 +119,20 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | str]) -> None:
+    """Write DIR/results.json and DIR/results.md. Cases that an earlier run left in results.json and
+    that did not run now are kept, so ``--cases a`` then ``--cases b`` add up; each case records
+    when it ran and with how many torch threads."""
     out.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"machine": info, "cases": {}}
-    md = [f"# Benchmarks\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-          f"transformers {info['transformers']}, device {info['device']}, {info['time']}.\n"]
+    cases: dict[str, Any] = {}
+    if (out / "results.json").exists():
+        try:
+            cases = json.loads((out / "results.json").read_text())["cases"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s is unreadable; writing it anew", out / "results.json")
+    ran = f"{info['time']}, {info['torch_threads']} torch thread(s)"
     for name, result in results.items():
-        md.append(f"\n## {name}\n")
         if isinstance(result, str):  # an error
-            data["cases"][name] = {"error": result}
-            md.append(f"Failed: {result}\n")
+            cases[name] = {"error": result, "ran": ran}
             continue
         pngs = []
         for plot in result.plots:
@@ -135,12 +140,19 @@ def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | s
                 pngs.append(plot(out).name)
             except Exception as err:  # a broken plot must not lose the numbers
                 log.warning("plot for %s failed: %s", name, err)
-        data["cases"][name] = {"rows": result.rows, "notes": result.notes, "plots": pngs, **result.extra}
-        md.append(markdown_table(result.rows))
-        md += [f"\n- {note}" for note in result.notes]
-        md += [f"\n\n![{png}]({png})" for png in pngs]
+        cases[name] = {"rows": result.rows, "notes": result.notes, "plots": pngs, "ran": ran, **result.extra}
+    md = [f"# Benchmarks\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+          f"transformers {info['transformers']}, device {info['device']}.\n"]
+    for name, case in cases.items():
+        md.append(f"\n## {name}\n\nRun {case.get('ran', 'earlier')}.\n\n")
+        if "error" in case:
+            md.append(f"Failed: {case['error']}\n")
+            continue
+        md.append(markdown_table(case["rows"]))
+        md += [f"\n- {note}" for note in case["notes"]]
+        md += [f"\n\n![{png}]({png})" for png in case["plots"]]
         md.append("\n")
-    atomic_write(out / "results.json", json.dumps(data, indent=2, default=str))
+    atomic_write(out / "results.json", json.dumps({"machine": info, "cases": cases}, indent=2, default=str))
     atomic_write(out / "results.md", "".join(md))
 
 
