@@ -80,6 +80,15 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
     """
     B, T, H, D = q.shape
     Hk = k_all.shape[2]
+    if T == 1:  # decoding: the one query sees all w keys; no block loop, no position mask
+        qg = q.float().reshape(B, Hk, H // Hk, D)  # (B, Hk, G, D)
+        kw, vw = k_all[:, 1:].float(), v_all[:, 1:].float()  # (B, w, Hk, D)
+        scores = torch.einsum("bigd,bsid->bigs", qg, kw) * scaling  # (B, Hk, G, w)
+        scores = scores.masked_fill(~valid_all[:, None, None, 1:], float("-inf"))
+        m = scores.amax(dim=-1).clamp(min=0)  # (B, Hk, G)
+        e = torch.exp(scores - m[..., None])
+        num = torch.einsum("bigs,bsid->bigd", e, vw)  # (B, Hk, G, D)
+        return num.reshape(B, 1, H, D), e.sum(-1).reshape(B, 1, H), m.reshape(B, 1, H)
     nums, dens, maxes = [], [], []
     for a in range(0, T, QUERY_BLOCK):
         b = min(T, a + QUERY_BLOCK)
