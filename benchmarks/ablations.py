@@ -11,6 +11,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
@@ -120,32 +121,66 @@ def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet, starts:
     }
 
 
+FACTORS = ("init", "depth", "loss", "window")
+
+
+def _pick(rows, **where) -> list[dict]:
+    return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
 def _mean(rows, key, **where) -> float:
-    vals = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
+    vals = [r[key] for r in _pick(rows, **where)]
     return statistics.mean(vals) if vals else float("nan")
 
 
+def _geo(rows, key, **where) -> float:
+    """Geometric mean: perplexities span orders of magnitude, so an arithmetic mean is one outlier."""
+    vals = [r[key] for r in _pick(rows, **where)]
+    return math.exp(statistics.mean(math.log(v) for v in vals)) if vals else float("nan")
+
+
+def _wins(rows, factor: str, a, b, key: str = "ppl") -> str:
+    """'n/N': variants where level ``a`` of ``factor`` beats (lower ``key``) level ``b``, all else equal."""
+    others = [f for f in FACTORS if f != factor]
+    index = {tuple(r[f] for f in others): r for r in _pick(rows, **{factor: b})}
+    pairs = [(r, index[tuple(r[f] for f in others)]) for r in _pick(rows, **{factor: a}) if tuple(r[f] for f in others) in index]
+    return f"{sum(x[key] < y[key] for x, y in pairs)}/{len(pairs)}"
+
+
 def _answers(rows: list[dict], teacher_ppl: float) -> list[str]:
-    """Short written answers, drawn from the table."""
-    out = []
-    inits = sorted({r["init"] for r in rows}, key=lambda x: _mean(rows, "ppl", init=x))
-    by = ", ".join(f"{i} {_mean(rows, 'ppl_init', init=i):.1f} → {_mean(rows, 'ppl', init=i):.1f}" for i in inits)
+    """Short written answers, drawn from the table: geometric-mean perplexity per level of each
+    factor, and paired wins (same other factors)."""
+    def levels(factor):
+        return sorted({r[factor] for r in rows}, key=lambda x: _geo(rows, "ppl", **{factor: x}))
+
+    def geo(factor, key="ppl"):
+        return ", ".join(f"{x}: {_geo(rows, key, **{factor: x}):.1f}" for x in levels(factor))
+
+    out = [f"Teacher {teacher_ppl:.2f}. Perplexities below are geometric means over the other factors; "
+           "'a beats b n/N' counts the variants, all other factors equal, where a ends with the lower perplexity."]
+    inits = levels("init")
     out.append(
-        f"Init (mean held-out ppl before → after transfer, over the other factors; teacher {teacher_ppl:.2f}): {by}. "
-        f"Best after transfer: {inits[0]}."
+        f"Init — before transfer: {geo('init', 'ppl_init')}; after: {geo('init')}. "
+        + "; ".join(f"{inits[0]} beats {b} {_wins(rows, 'init', inits[0], b)}" for b in inits[1:])
+        + f"; at budget 0, {inits[0]} beats them {', '.join(_wins(rows, 'init', inits[0], b, 'ppl_init') for b in inits[1:])}."
     )
     depths = sorted({r["depth"] for r in rows})
-    by = ", ".join(f"depth {d}: {_mean(rows, 'ppl', depth=d):.1f} (err {_mean(rows, 'err_after', depth=d):.3f})" for d in depths)
-    best = min(depths, key=lambda d: _mean(rows, "ppl", depth=d))
-    out.append(f"Stacking (mean ppl and relative layer error after transfer): {by}. Best: depth {best}.")
-    losses = sorted({r["loss"] for r in rows})
-    by = ", ".join(
-        f"{l}: ppl {_mean(rows, 'ppl', loss=l):.1f}, layer error {_mean(rows, 'err_before', loss=l):.3f} → {_mean(rows, 'err_after', loss=l):.3f}"
-        for l in losses
+    out.append(
+        f"Stacking — {geo('depth')}; mean relative layer error after transfer: "
+        + ", ".join(f"depth {d}: {_mean(rows, 'err_after', depth=d):.3f}" for d in depths) + "; "
+        + "; ".join(f"depth {b} beats depth {a} {_wins(rows, 'depth', b, a)}" for a, b in zip(depths, depths[1:])) + "."
     )
-    out.append(f"Transfer loss: {by}.")
+    losses = sorted({r["loss"] for r in rows})
+    if len(losses) == 2:
+        out.append(
+            f"Transfer — mean layer error {_mean(rows, 'err_before'):.3f} → {_mean(rows, 'err_after'):.3f}; it fell in "
+            f"{sum(r['err_after'] < r['err_before'] for r in rows)}/{len(rows)} variants and perplexity fell in "
+            f"{sum(r['ppl'] < r['ppl_init'] for r in rows)}/{len(rows)}. Loss — {geo('loss')}; "
+            f"{losses[1]} beats {losses[0]} {_wins(rows, 'loss', losses[1], losses[0])}."
+        )
     windows = sorted({r["window"] for r in rows})
-    out.append("Window: " + ", ".join(f"w={w}: ppl {_mean(rows, 'ppl', window=w):.1f}" for w in windows) + ".")
+    if len(windows) == 2:
+        out.append(f"Window — {geo('window')}; w={windows[1]} beats w={windows[0]} {_wins(rows, 'window', windows[1], windows[0])}.")
     return out
 
 
