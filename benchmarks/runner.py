@@ -22,6 +22,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     plots: list[Callable[[Path], Path]] = field(default_factory=list)  # each writes a PNG into DIR
     extra: dict[str, Any] = field(default_factory=dict)
+    ran: str = ""  # when the case finished, and with how many torch threads (set by run())
 
 
 CASES: dict[str, Callable[["Context"], Result]] = {}
@@ -140,7 +141,7 @@ def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | s
                 pngs.append(plot(out).name)
             except Exception as err:  # a broken plot must not lose the numbers
                 log.warning("plot for %s failed: %s", name, err)
-        cases[name] = {"rows": result.rows, "notes": result.notes, "plots": pngs, "ran": ran, **result.extra}
+        cases[name] = {"rows": result.rows, "notes": result.notes, "plots": pngs, "ran": result.ran or ran, **result.extra}
     md = [f"# Benchmarks\n\nMachine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
           f"transformers {info['transformers']}, device {info['device']}.\n"]
     for name, case in cases.items():
@@ -169,5 +170,8 @@ def run(names: list[str], ctx: Context) -> dict[str, Result | str]:
             log.exception("case %s failed", name)
             results[name] = f"{type(err).__name__}: {err}"
         log.info("case %s done in %.1f s", name, time.perf_counter() - start)
-        write_results(ctx.out, machine(), results)  # partial results survive a crash
+        info = machine()
+        if isinstance(results[name], Result):
+            results[name].ran = f"{info['time']}, {info['torch_threads']} torch thread(s)"
+        write_results(ctx.out, info, results)  # partial results survive a crash
     return results
