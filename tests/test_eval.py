@@ -333,7 +333,7 @@ def test_dtype_applies_to_both_models(task_dir):
     """--dtype bfloat16 casts teacher and student; perplexities stay close to float32's."""
     loaded = []
 
-    def loader(spec):
+    def loader(spec, dtype=None):
         model = tiny_llama() if spec == "teacher" else tiny_student()
         loaded.append(model)
         return model, tiny_tokenizer()
@@ -351,7 +351,7 @@ def test_dtype_applies_to_both_models(task_dir):
 
 def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
     """Teacher and student scored in two runs, then compared without evaluating anything again."""
-    def loader(spec):
+    def loader(spec, dtype=None):
         return (tiny_llama() if spec == "teacher" else tiny_student()), tiny_tokenizer()
 
     common = dict(include_path=str(task_dir), max_length=64, loader=loader)
@@ -361,7 +361,7 @@ def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
         paths[task] = tmp_path / f"student_{task}.json"
         runner.write_report(runner.run({"student": "student"}, task, **common), paths[task])
 
-    def no_loading(spec):
+    def no_loading(spec, dtype=None):
         raise AssertionError(f"{spec} was evaluated again")
 
     both = runner.run({"student": "student", "teacher": "teacher"}, "tiny_mc,tiny_ppl", include_path=str(task_dir),

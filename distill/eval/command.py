@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ..cli import Command, register_command
 from ..errors import DistillError
+from ..pipeline.config import DTYPES
 
 log = logging.getLogger(__name__)
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @register_command

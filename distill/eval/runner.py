@@ -193,7 +193,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     teacher is scored once for many students, and teacher and student can run as two processes.
 
     Tasks are resolved, and their data fetched, before any model is loaded, so a bad task name or
-    a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec)`` ->
+    a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec, dtype)`` ->
     ``(model, tokenizer)``, default :func:`distill.models.load_model`) and freed after their run.
     """
     if loader is None:
@@ -220,8 +220,8 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         if models.get(role) is None or role in reused:
             continue
         start = time.perf_counter()
-        model, tokenizer = loader(models[role])
-        model = model.to(getattr(torch, dtype))
+        model, tokenizer = loader(models[role], getattr(torch, dtype))  # loaded in dtype: no float32 copy first
+        model = model.to(getattr(torch, dtype))  # a no-op unless the loader kept another dtype
         lengths[role] = max_length_for(model, max_length)
         objects = objects or T.load_tasks(plan, manager)  # fresh Task objects for each model
         log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])

@@ -38,8 +38,6 @@ from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -158,7 +156,7 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
     threads = set_threads((RunStore(out).open().get("threads") if resume else None) or cfg.threads)
 
     start = time.time()
-    model, tokenizer = load_model(spec, DTYPES[cfg.dtype])
+    model, tokenizer = load_model(spec, getattr(torch, cfg.dtype))
     check_conversion(model, cfg)
     model.to(device)
     loaded = time.time() - start
