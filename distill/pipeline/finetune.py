@@ -16,7 +16,6 @@ is a plain converted model that :func:`distill.load_converted` reads.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from .config import FinetuneConfig
 from .evaluate import perplexity
 from .params import LastGood, converted_layers, new_parameters
-from .transfer import constrain
+from .transfer import constrain, cosine_lr
 from .stream import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -119,27 +118,26 @@ def run_finetune(model, ids: torch.Tensor, cfg: FinetuneConfig, seed: int, store
     device = next(model.parameters()).device
     lr = cfg.lr * 0.5 ** len(events)
     last_good = LastGood(params)
+    attns = [decoder_layers(model)[i].self_attn for i in converted_layers(model)]
+
+    def constrain_all() -> None:
+        for attn in attns:
+            constrain(attn)
+
     bar = progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
     began = time.time()
     peft_model.train()
     step = start
     while step < cfg.steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps)))
+            group["lr"] = cosine_lr(lr, step, cfg.steps)
         x = draw_batch(ids, cfg, seed, step).to(device)
         with torch.no_grad(), peft_model.disable_adapter():
             teacher = peft_model(input_ids=x, distill_mode="teacher", use_cache=False).logits
         student = peft_model(input_ids=x, distill_mode="parallel", use_cache=False).logits
         loss = distill_loss(student, teacher, x, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        value = float(loss.detach())
-        if math.isfinite(value):
-            optimizer.step()
-            for i in converted_layers(model):
-                constrain(decoder_layers(model)[i].self_attn)
-        if not last_good.keep(value):
+        value, kept = last_good.step(loss, optimizer, constrain_all)
+        if not kept:
             lr /= 2
             optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
             events.append(

@@ -76,6 +76,19 @@ class LastGood:
         self.params = params
         self.good = {n: p.detach().clone() for n, p in params.items()}
 
+    def step(self, loss: torch.Tensor, optimizer, after_step) -> tuple[float, bool]:
+        """Backward, clip the gradient norm to 1, step (when the loss is finite) and call
+        ``after_step()`` (e.g. the positivity constraints); then :meth:`keep`. Returns
+        (loss value, whether the step was kept)."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
+        value = float(loss.detach())
+        if math.isfinite(value):
+            optimizer.step()
+            after_step()
+        return value, self.keep(value)
+
     @torch.no_grad()
     def keep(self, loss: float) -> bool:
         """After a step: commit the parameters if ``loss`` and all of them are finite (True), else

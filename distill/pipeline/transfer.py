@@ -107,14 +107,8 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
             with torch.no_grad():
                 scores = teacher_scores(attn, qb, kb, idx)
             loss = loss + cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        value = float(loss.detach())
-        if math.isfinite(value):
-            optimizer.step()
-            constrain(attn)
-        if not last_good.keep(value):
+        value, kept = last_good.step(loss, optimizer, lambda: constrain(attn))
+        if not kept:
             lr /= 2
             optimizer = torch.optim.Adam(params.values(), lr=lr)
             events.append(
