@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from pipeline_tiny import tiny_model
+from pipeline_tiny import NoBar, tiny_model
 
 from distill import ConvertConfig, convert_model
 from distill.pipeline.config import FitConfig
@@ -113,7 +113,7 @@ def test_hybrid_mix_is_fitted():
 def test_run_fit_reports_every_layer_and_head():
     model, _ = _layer(feature_map="poly", feature_map_kwargs={"degree": 2, "rank": 4})
     ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(0))
-    results = run_fit(model, ids, FitConfig(sequences=2, queries=16), lambda **kw: _NoBar())
+    results = run_fit(model, ids, FitConfig(sequences=2, queries=16), NoBar)
     assert [r["layer"] for r in results] == [0, 1]
     for r in results:
         assert len(r["heads"]) == 4
@@ -142,17 +142,6 @@ def test_collect_qk_matches_the_teacher_forward():
 def test_query_index():
     idx = query_index(100, 10, start=20)
     assert idx[0] == 20 and idx[-1] == 99 and len(idx) == 10
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_training_keeps_the_polynomial_positive():

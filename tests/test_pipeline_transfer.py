@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from pipeline_tiny import tiny_model
+from pipeline_tiny import NoBar, tiny_model
 
 from distill import ConvertConfig, convert_model
 from distill.pipeline import transfer as transfer_mod
@@ -30,20 +30,6 @@ class MemoryStore:
 
     def meta(self, key):
         return self.entries[key][1]
-
-
-class NoBar:
-    def __init__(self, **kwargs):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
 
 
 def _student(**cfg):
