@@ -95,14 +95,15 @@ def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet, starts:
             p.requires_grad_(True)
     start = time.time()
     key = (init, cfg.model.window)
-    if key not in starts:
+    if key in starts:
+        params, ppl_init, extra = starts[key]
+        unexpected = model.load_state_dict(params, strict=False).unexpected_keys
+        assert not unexpected, unexpected
+    else:
         extra = _initialise(model, data, cfg, init, seed, quiet)
-        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and ".stack." not in n}
         ppl_init = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and ".stack." not in n}
         starts[key] = (params, ppl_init, extra)
-    params, ppl_init, extra = starts[key]
-    missing, unexpected = model.load_state_dict(params, strict=False)
-    assert not unexpected, unexpected
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp))
         store.create({})
@@ -251,7 +252,8 @@ def ablations(ctx: Context) -> Result:
         f"Teacher held-out perplexity {teacher_ppl:.3f} on {data.heldout.numel()} tokens; calibration {data.train.numel()} tokens; "
         f"{cfg0.transfer.steps} transfer steps per layer (batch {cfg0.transfer.batch_size} x {cfg0.seq_len}); config {CONFIG.name}.",
         "err_before/err_after: relative output MSE per layer (mean over layers) on held-out sequences, "
-        "after init and after transfer. ppl_init: perplexity right after init (budget 0).",
+        "after init and after transfer. ppl_init: perplexity right after init (budget 0). seconds: the "
+        "variant's wall time; the start shared by one (init, window) counts in the first variant that builds it.",
         *_answers(rows, teacher_ppl),
     ]
     return Result(table, notes=notes, plots=[plot_ppl, plot_layers], extra={"per_layer": rows, "teacher_ppl": teacher_ppl})
