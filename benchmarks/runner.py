@@ -119,6 +119,10 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _ran(info: dict[str, Any]) -> str:
+    return f"{info['time']}, {info['torch_threads']} torch thread(s)"
+
+
 def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | str]) -> None:
     """Write DIR/results.json and DIR/results.md. Cases that an earlier run left in results.json and
     that did not run now are kept, so ``--cases a`` then ``--cases b`` add up; each case records
@@ -130,7 +134,7 @@ def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | s
             cases = json.loads((out / "results.json").read_text())["cases"]
         except (ValueError, KeyError, TypeError):
             log.warning("%s is unreadable; writing it anew", out / "results.json")
-    ran = f"{info['time']}, {info['torch_threads']} torch thread(s)"
+    ran = _ran(info)
     for name, result in results.items():
         if isinstance(result, str):  # an error
             cases[name] = {"error": result, "ran": ran}
@@ -172,6 +176,6 @@ def run(names: list[str], ctx: Context) -> dict[str, Result | str]:
         log.info("case %s done in %.1f s", name, time.perf_counter() - start)
         info = machine()
         if isinstance(results[name], Result):
-            results[name].ran = f"{info['time']}, {info['torch_threads']} torch thread(s)"
+            results[name].ran = _ran(info)
         write_results(ctx.out, info, results)  # partial results survive a crash
     return results
