@@ -3,7 +3,9 @@
 Public entry points pick an implementation by ``DISTILL_BACKEND`` (``auto|torch|triton|fla``):
 ``auto`` is Triton on CUDA tensors and PyTorch elsewhere; ``triton`` also runs CPU tensors when
 ``TRITON_INTERPRET=1`` was set before the first call; ``fla`` runs flash-linear-attention on CUDA.
-A backend that cannot run on the tensors' device raises ``ValueError``.
+A backend that cannot run on the tensors' device raises ``ValueError``. The choice is made once
+per (``DISTILL_BACKEND`` value, device type) and cached; the arguments are checked once per call,
+here, and the backend's functions trust that check.
 
     chunk_linear_attn(q, k, v, log_decay=None, initial_state=None) -> (o, final_state)
     recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace=False) -> (o, final_state)
@@ -28,18 +30,20 @@ from .poly import poly_feature_dim, poly_features
 from .recurrent import recurrent_linear_attn as torch_recurrent_linear_attn
 from .validate import check_scan_args
 
-BACKENDS = ("auto", "torch", "triton", "fla")
 logger = logging.getLogger(__name__)
 
 
 class Backend(NamedTuple):
-    """``chunk`` and ``recurrent`` follow :func:`naive_linear_attn`; ``chunk_poly`` follows
+    """One implementation's functions. They trust their caller: the entry points below check the
+    arguments first (stride 1 on the last dim and no float64 too where ``unit_stride``).
+    ``chunk`` and ``recurrent`` follow :func:`naive_linear_attn`; ``chunk_poly`` follows
     :func:`chunk_poly_attn` (None: materialise the features and use ``chunk``)."""
 
     chunk: Callable
     recurrent: Callable
     chunk_poly: Callable | None = None
     recurrent_inplace: bool = False  # recurrent takes ``inplace=`` itself
+    unit_stride: bool = False  # what the Triton kernels need (see ``check_scan_args``)
 
 
 def _load_torch() -> Backend:
@@ -50,13 +54,20 @@ def _load_triton() -> Backend:
     from . import triton_chunk, triton_recurrent
 
     def chunk_poly(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None):
-        if coeffs.shape[-1] - 1 <= triton_chunk.MAX_POLY_DEGREE:
-            return triton_chunk.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state)
-        logger.debug("polynomial degree %d > %d: materialising the features", coeffs.shape[-1] - 1, 2)
-        scan = triton_chunk.chunk_linear_attn
+        degree = coeffs.shape[-1] - 1
+        if degree <= triton_chunk.MAX_POLY_DEGREE:
+            return triton_chunk.chunk_poly_attn_unchecked(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+        logger.debug("polynomial degree %d > %d: materialising the features", degree, triton_chunk.MAX_POLY_DEGREE)
+        scan = triton_chunk.chunk_linear_attn_unchecked
         return poly.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state, scan=scan)
 
-    return Backend(triton_chunk.chunk_linear_attn, triton_recurrent.recurrent_linear_attn, chunk_poly, True)
+    return Backend(
+        triton_chunk.chunk_linear_attn_unchecked,
+        triton_recurrent.recurrent_linear_attn_unchecked,
+        chunk_poly,
+        recurrent_inplace=True,
+        unit_stride=True,
+    )
 
 
 def _check_triton(device: torch.device) -> None:
@@ -73,7 +84,7 @@ def _check_triton(device: torch.device) -> None:
 def _load_fla() -> Backend:
     from . import fla_backend
 
-    return Backend(fla_backend.chunk_linear_attn, fla_backend.recurrent_linear_attn)
+    return Backend(fla_backend.chunk_linear_attn_unchecked, fla_backend.recurrent_linear_attn_unchecked)
 
 
 def _check_fla(device: torch.device) -> None:
@@ -91,6 +102,8 @@ def _check_fla(device: torch.device) -> None:
 # name -> (loader, device check); loaders run lazily so importing this package stays cheap.
 _REGISTRY: dict[str, tuple[Callable[[], Backend | tuple], Callable[[torch.device], None] | None]] = {}
 _LOADED: dict[str, Backend] = {}
+# (DISTILL_BACKEND as set, device type) -> backend: the environment is read on every call, resolved once.
+_RESOLVED: dict[tuple[str, str], Backend] = {}
 
 
 def register_backend(
@@ -98,7 +111,8 @@ def register_backend(
     loader: Callable[[], Backend | tuple],
     check_device: Callable[[torch.device], None] | None = None,
 ) -> None:
-    """Register ``loader() -> (chunk_fn, recurrent_fn[, chunk_poly_fn])`` under ``name``.
+    """Register ``loader() -> Backend`` (or the tuple ``(chunk_fn, recurrent_fn[, chunk_poly_fn])``)
+    under ``name``; the functions get arguments already checked by the entry points.
     ``check_device(device)`` raises ``ValueError`` when the backend cannot run there."""
     if name in _REGISTRY:
         raise ValueError(f"backend {name!r} is already registered")
@@ -111,7 +125,8 @@ register_backend("fla", _load_fla, _check_fla)
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The backend ``DISTILL_BACKEND`` selects for tensors on ``device``; ValueError if it cannot run there."""
+    """The backend ``DISTILL_BACKEND`` selects for tensors on ``device``; ValueError if it cannot run there.
+    Checks afresh on every call; :func:`get_backend` caches its answer."""
     device = torch.device(device)
     name = os.environ.get("DISTILL_BACKEND", "auto").strip().lower() or "auto"
     if name == "auto":
@@ -131,21 +146,41 @@ def resolve_backend(device: torch.device) -> str:
 
 
 def get_backend(device: torch.device) -> Backend:
-    name = resolve_backend(device)
-    if name not in _LOADED:
-        _LOADED[name] = Backend(*_REGISTRY[name][0]())
-    return _LOADED[name]
+    """The functions for tensors on ``device``, resolved once per (``DISTILL_BACKEND``, device type)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (os.environ.get("DISTILL_BACKEND", "auto"), device_type)
+    backend = _RESOLVED.get(key)
+    if backend is None:
+        name = resolve_backend(device)
+        if name not in _LOADED:
+            _LOADED[name] = Backend(*_REGISTRY[name][0]())
+        backend = _RESOLVED[key] = _LOADED[name]
+        logger.debug("DISTILL_BACKEND=%r on %s tensors: the %s backend", key[0], device_type, name)
+    return backend
+
+
+def _backend_for(x, name: str) -> Backend:
+    """The backend for ``x``'s device. It is picked before the arguments are checked, since what the
+    check demands depends on it (``Backend.unit_stride``)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return get_backend(x.device)
 
 
 def chunk_linear_attn(q, k, v, log_decay=None, initial_state=None):
     """q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], initial_state [B,Hk,F,Dv]
     -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32 (training and prefill)."""
-    check_scan_args(q, k, v, log_decay, initial_state)
-    return get_backend(q.device).chunk(q, k, v, log_decay=log_decay, initial_state=initial_state)
+    backend = _backend_for(q, "q")
+    check_scan_args(q, k, v, log_decay, initial_state, unit_stride=backend.unit_stride)
+    return backend.chunk(q, k, v, log_decay=log_decay, initial_state=initial_state)
 
 
-def _copy_back(result, initial_state, inplace: bool):
-    o, state = result
+def _recurrent(backend: Backend, q, k, v, log_decay, initial_state, inplace: bool):
+    """``backend.recurrent`` on checked arguments; copies the state back for ``inplace`` where the
+    backend cannot write it in place itself."""
+    if backend.recurrent_inplace:
+        return backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state, inplace=inplace)
+    o, state = backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state)
     if inplace and initial_state is not None and state is not initial_state and not state.requires_grad:
         initial_state.copy_(state)
         state = initial_state
@@ -156,20 +191,17 @@ def recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace: 
     """Same contract as :func:`chunk_linear_attn`, token by token (decode). ``inplace=True`` writes
     the new state into ``initial_state`` and returns it (decoding, under ``torch.no_grad()``; when
     autograd records the call, a fresh state is returned instead)."""
-    check_scan_args(q, k, v, log_decay, initial_state)
-    backend = get_backend(q.device)
-    if backend.recurrent_inplace:
-        return backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state, inplace=inplace)
-    result = backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state)
-    return _copy_back(result, initial_state, inplace)
+    backend = _backend_for(q, "q")
+    check_scan_args(q, k, v, log_decay, initial_state, unit_stride=backend.unit_stride)
+    return _recurrent(backend, q, k, v, log_decay, initial_state, inplace)
 
 
 def chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None):
     """Polynomial-kernel scan, φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i. q_proj [B,T,H,r], k_proj [B,T,Hk,r],
     v [B,T,Hk,Dv], coeffs [H,p+1] -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32 with F and
     the row layout of :mod:`distill_kernels.poly`. Triton fuses the feature map for p <= 2."""
-    poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state)
-    backend = get_backend(q_proj.device)
+    backend = _backend_for(q_proj, "q_proj")
+    poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state, unit_stride=backend.unit_stride)
     if backend.chunk_poly is not None:
         return backend.chunk_poly(q_proj, k_proj, v, coeffs, log_decay=log_decay, initial_state=initial_state)
     return poly.chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay, initial_state, scan=backend.chunk)
@@ -177,14 +209,14 @@ def chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=Non
 
 def recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, inplace: bool = False):
     """Decode step of :func:`chunk_poly_attn`: the few new tokens' features are materialised."""
-    degree = poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+    backend = _backend_for(q_proj, "q_proj")
+    degree = poly.check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state, unit_stride=backend.unit_stride)
     phi_q = poly_features(q_proj, degree, coeffs)  # (B, T, H, F)
     phi_k = poly_features(k_proj, degree)  # (B, T, Hk, F)
-    return recurrent_linear_attn(phi_q, phi_k, v, log_decay, initial_state, inplace=inplace)
+    return _recurrent(backend, phi_q, phi_k, v, log_decay, initial_state, inplace)
 
 
 __all__ = [
-    "BACKENDS",
     "Backend",
     "chunk_linear_attn",
     "chunk_poly_attn",

@@ -59,10 +59,11 @@ def check_poly_args(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=Non
         shape = tuple(coeffs.shape) if isinstance(coeffs, torch.Tensor) else type(coeffs).__name__
         raise ValueError(f"coeffs must be [H, p+1] (per query head, degree 0 first), got {shape}")
     degree = coeffs.shape[1] - 1
-    r = q_proj.shape[-1] if q_proj.dim() == 4 else 0
+    r = q_proj.shape[-1] if isinstance(q_proj, torch.Tensor) and q_proj.dim() == 4 else None  # None: fails below
+    state_dim = None if r is None else poly_feature_dim(r, degree)
     check_scan_args(
         q_proj, k_proj, v, log_decay, initial_state,
-        state_dim=poly_feature_dim(r, degree), unit_stride=unit_stride, names=("q_proj", "k_proj"),
+        state_dim=state_dim, unit_stride=unit_stride, names=("q_proj", "k_proj"),
     )
     if coeffs.shape[0] != q_proj.shape[2]:
         raise ValueError(f"coeffs must be [H, p+1] = [{q_proj.shape[2]}, p+1], got {tuple(coeffs.shape)}")
@@ -83,8 +84,9 @@ def chunk_poly_attn(
     """Materialise φ(q̃), φ(k̃) and run ``scan`` (the torch chunked scan by default).
 
     q_proj [B,T,H,r], k_proj [B,T,Hk,r], v [B,T,Hk,Dv], coeffs [H,p+1], log_decay [Hk],
-    initial_state [B,Hk,F,Dv] -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32."""
-    degree = check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state)
+    initial_state [B,Hk,F,Dv] -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32.
+    Trusts its caller, like the other references: :func:`check_poly_args` is the check."""
+    degree = coeffs.shape[1] - 1
     phi_q = poly_features(q_proj, degree, coeffs)  # (B, T, H, F)
     phi_k = poly_features(k_proj, degree)  # (B, T, Hk, F)
     return scan(phi_q, phi_k, v, log_decay=log_decay, initial_state=initial_state)

@@ -9,6 +9,10 @@ Two entry points share the kernels:
   layout of :mod:`distill_kernels.poly`, is built tile by tile in registers. The features
   [B,T,H,F] never reach memory.
 
+Each checks its arguments (``check_scan_args(..., unit_stride=True)``, the device, the block
+sizes) and then calls its ``*_unchecked`` twin, which trusts its caller: ``distill_kernels``
+dispatch validates once at its own entry point and calls the twins directly.
+
 The rule is that of :mod:`distill_kernels.naive` (S_t = γ S_{t-1} + k_t v_tᵀ, o_t = q_tᵀ S_t).
 Sequences are cut into chunks of C tokens (the chunkwise form of Yang et al., 2024, "Gated
 Linear Attention"). Forward: one kernel scans the chunks and stores the state entering each
@@ -538,9 +542,13 @@ def default_block_v(dv: int) -> int:
     return min((128, 64, 32, 16), key=lambda bv: (triton.cdiv(dv, bv) * (bv + 48), -bv))
 
 
-def _check_pow2(name: str, x: int) -> None:
-    if not isinstance(x, int) or x < 16 or x & (x - 1):
-        raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs K >= 16), got {x!r}")
+def _check_blocks(chunk_size: int, **blocks: int | None) -> None:
+    """The chunk size and the block sizes the caller gave (None: the default, always valid) must be
+    powers of two >= 16."""
+    sizes = {"chunk_size": chunk_size, **{name: x for name, x in blocks.items() if x is not None}}
+    for name, x in sizes.items():
+        if not isinstance(x, int) or x < 16 or x & (x - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot needs K >= 16), got {x!r}")
 
 
 def check_device(device: torch.device) -> None:
@@ -698,12 +706,20 @@ def chunk_linear_attn(
     or None -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32. Differentiable in every tensor.
 
     ``chunk_size`` (C), ``block_f`` (BK, default min(64, next pow2 of F)) and ``block_v`` (BV,
-    default :func:`default_block_v`) are powers of two >= 16."""
-    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, log_decay, initial_state, unit_stride=True)
+    default :func:`default_block_v`) are powers of two >= 16. Checks its arguments, then runs
+    :func:`chunk_linear_attn_unchecked`."""
+    check_scan_args(q, k, v, log_decay, initial_state, unit_stride=True)
     check_device(q.device)
+    _check_blocks(chunk_size, block_f=block_f, block_v=block_v)
+    return chunk_linear_attn_unchecked(q, k, v, log_decay, initial_state, chunk_size, block_f, block_v)
+
+
+def chunk_linear_attn_unchecked(q, k, v, log_decay=None, initial_state=None, chunk_size=64, block_f=None, block_v=None):
+    """:func:`chunk_linear_attn` for a caller that has already run ``check_scan_args(...,
+    unit_stride=True)``, ``check_device`` and the block checks (``distill_kernels`` dispatch)."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
     BK, BV = block_f or min(64, _pow2_at_least(F)), block_v or default_block_v(Dv)
-    for name, x in (("chunk_size", chunk_size), ("block_f", BK), ("block_v", BV)):
-        _check_pow2(name, x)
     if T == 0:
         return _empty_result(q, v, Hk, F, initial_state)
     plan = _Plan(poly=False, F=F, R=0, P=0, C=chunk_size, BK=BK, BV=BV, NF=triton.cdiv(F, BK))
@@ -727,20 +743,28 @@ def chunk_poly_attn(
     q_proj [B,T,H,r], k_proj [B,T,Hk,r], v [B,T,Hk,Dv], coeffs [H,p+1], log_decay [Hk] or None,
     initial_state [B,Hk,F,Dv] or None, F = Σ_{i<=p} C(r+i-1, i) rows laid out as in
     :mod:`distill_kernels.poly` -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32.
-    Differentiable in every tensor, coefficients included."""
+    Differentiable in every tensor, coefficients included. Checks its arguments, then runs
+    :func:`chunk_poly_attn_unchecked`."""
     degree = check_poly_args(q_proj, k_proj, v, coeffs, log_decay, initial_state, unit_stride=True)
     check_device(q_proj.device)
     if degree > MAX_POLY_DEGREE:
         raise ValueError(f"coeffs must be [H, p+1] with p <= {MAX_POLY_DEGREE} for the fused scan, got degree {degree}")
+    _check_blocks(chunk_size, block_v=block_v)
+    return chunk_poly_attn_unchecked(q_proj, k_proj, v, coeffs, log_decay, initial_state, chunk_size, block_v)
+
+
+def chunk_poly_attn_unchecked(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, chunk_size=64,
+                              block_v=None):
+    """:func:`chunk_poly_attn` for a caller that has already run ``check_poly_args(...,
+    unit_stride=True)``, ``check_device`` and checked p <= :data:`MAX_POLY_DEGREE` and the blocks."""
     B, T, H, r = q_proj.shape
     Hk, Dv = k_proj.shape[2], v.shape[3]
+    degree = coeffs.shape[1] - 1
     F = poly_feature_dim(r, degree)
-    BV = block_v or default_block_v(Dv)
-    for name, x in (("chunk_size", chunk_size), ("block_v", BV)):
-        _check_pow2(name, x)
     if T == 0:
         return _empty_result(q_proj, v, Hk, F, initial_state)
     tiles = 1 + (degree >= 1) + r * (degree >= 2)  # degree 0, degree 1, one per row of degree 2
+    BV = block_v or default_block_v(Dv)
     plan = _Plan(poly=True, F=F, R=r, P=degree, C=chunk_size, BK=_pow2_at_least(r), BV=BV, NF=tiles)
     h0 = initial_state.float().contiguous() if initial_state is not None else None
     ld = log_decay.float() if log_decay is not None else None

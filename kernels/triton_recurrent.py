@@ -69,12 +69,21 @@ def recurrent_linear_attn(
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk] or None, initial_state [B,Hk,F,Dv]
-    or None -> o [B,T,H,Dv] fp32, state [B,Hk,F,Dv] fp32 (``initial_state`` itself if ``inplace``)."""
-    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, log_decay, initial_state, unit_stride=True)
+    or None -> o [B,T,H,Dv] fp32, state [B,Hk,F,Dv] fp32 (``initial_state`` itself if ``inplace``).
+    Checks its arguments, then runs :func:`recurrent_linear_attn_unchecked`."""
+    check_scan_args(q, k, v, log_decay, initial_state, unit_stride=True)
     check_device(q.device)
+    return recurrent_linear_attn_unchecked(q, k, v, log_decay, initial_state, inplace)
+
+
+def recurrent_linear_attn_unchecked(q, k, v, log_decay=None, initial_state=None, inplace: bool = False):
+    """:func:`recurrent_linear_attn` for a caller that has already run ``check_scan_args(...,
+    unit_stride=True)`` and ``check_device`` (``distill_kernels`` dispatch)."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
     tensors = (q, k, v, log_decay, initial_state)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-        return triton_chunk.chunk_linear_attn(q, k, v, log_decay, initial_state)
+        return triton_chunk.chunk_linear_attn_unchecked(q, k, v, log_decay, initial_state)
     s0 = None if initial_state is None else initial_state.float().contiguous()
     if inplace and s0 is not None and s0.data_ptr() != initial_state.data_ptr():
         raise ValueError(

@@ -7,17 +7,22 @@ because the interpreter costs 0.1-2 s a call; chunk_size=16 gives several chunks
 On a machine without CUDA, conftest.py sets TRITON_INTERPRET=1 before triton is first imported.
 """
 
+import sys
+
 import pytest
 import torch
 
 import distill_kernels as ops
-from distill_kernels import naive_linear_attn, torch_chunk_linear_attn, torch_recurrent_linear_attn
+from distill_kernels import naive_linear_attn, poly, torch_chunk_linear_attn, torch_recurrent_linear_attn, validate
 from distill_kernels.poly import chunk_poly_attn as torch_chunk_poly_attn
 from distill_kernels.poly import poly_feature_dim, poly_features
 
-triton_chunk = pytest.importorskip("distill_kernels.triton_chunk")
-triton_recurrent = pytest.importorskip("distill_kernels.triton_recurrent")
-DEVICE = "cpu" if triton_chunk.INTERPRETED else "cuda"
+try:
+    from distill_kernels import triton_chunk, triton_recurrent
+except ImportError:  # the torch tests still run; the Triton ones are skipped
+    triton_chunk = triton_recurrent = None
+needs_triton = pytest.mark.skipif(triton_chunk is None, reason="triton is not installed")
+DEVICE = "cuda" if triton_chunk is not None and not triton_chunk.INTERPRETED else "cpu"
 # relative to the largest entry; a GPU rounds 16-bit runs' fp32 operands to tf32 (fp16) or bf16
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3 if DEVICE == "cpu" else 4e-3, torch.bfloat16: 1.6e-2}
 
@@ -134,6 +139,7 @@ CHUNK_CASES = [
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("B,T,H,Hk,F,Dv,decay,h0,dtype,block_f", CHUNK_CASES)
 def test_triton_chunk_matches_reference(B, T, H, Hk, F, Dv, decay, h0, dtype, block_f):
     args = make_inputs(B, T, H, Hk, F, Dv, decay, h0, dtype, device=DEVICE)
@@ -152,6 +158,7 @@ POLY_CASES = [
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("B,T,H,Hk,r,Dv,degree,decay,h0,dtype", POLY_CASES)
 def test_triton_poly_matches_reference(B, T, H, Hk, r, Dv, degree, decay, h0, dtype):
     F = poly_feature_dim(r, degree)
@@ -165,6 +172,7 @@ def test_triton_poly_matches_reference(B, T, H, Hk, r, Dv, degree, decay, h0, dt
     assert_match(got, want, TOL[dtype], names)
 
 
+@needs_triton
 def test_triton_chunk_state_carries_across_calls():
     """Prefill in two pieces through the final/initial state equals one call."""
     q, k, v, ld, _ = make_inputs(1, 40, 2, 1, 16, 16, True, False, device=DEVICE)
@@ -176,6 +184,7 @@ def test_triton_chunk_state_carries_across_calls():
     torch.testing.assert_close(s2, s, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 def test_triton_chunk_takes_strided_heads():
     """q/k/v may be slices of a fused projection (any B/T/H strides, unit stride on the last dim)."""
     qkv = torch.randn(1, 20, 3, 2, 16, device=DEVICE)  # (B, T, {q,k,v}, H, D)
@@ -189,6 +198,7 @@ def test_triton_chunk_takes_strided_heads():
 # ------------------------------------------------------------------ Triton decode step
 
 
+@needs_triton
 @pytest.mark.parametrize(
     "B,T,H,Hk,F,Dv,decay",
     [(3, 1, 4, 2, 100, 65, True), (1, 5, 2, 1, 24, 20, False), (2, 3, 3, 3, 17, 129, True)],
@@ -206,6 +216,7 @@ def test_triton_recurrent_matches_reference(B, T, H, Hk, F, Dv, decay):
         torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 def test_triton_recurrent_falls_back_to_chunk_for_grads():
     args = make_inputs(1, 4, 2, 1, 16, 16, True, True, device=DEVICE)
     assert_match(run_with_grads(triton_recurrent.recurrent_linear_attn, args), run_with_grads(naive_linear_attn, args),
@@ -215,6 +226,7 @@ def test_triton_recurrent_falls_back_to_chunk_for_grads():
 # ------------------------------------------------------------------ dispatch
 
 
+@needs_triton
 def test_dispatch_triton_backend_runs_on_cpu_when_interpreted(monkeypatch):
     monkeypatch.setenv("DISTILL_BACKEND", "triton")
     assert ops.resolve_backend(torch.device(DEVICE)) == "triton"
@@ -245,6 +257,7 @@ def test_dispatch_auto_and_torch_on_cpu(monkeypatch):
     torch.testing.assert_close((o, s), want)
 
 
+@needs_triton
 def test_dispatch_rejects_backends_that_cannot_run(monkeypatch):
     monkeypatch.setenv("DISTILL_BACKEND", "fla")
     with pytest.raises(ValueError, match="fla needs CUDA"):
@@ -264,49 +277,169 @@ def test_dispatch_rejects_backends_that_cannot_run(monkeypatch):
         ops.register_backend("torch", lambda: None)
 
 
+# ------------------------------------------------------------------ one check, one resolution
+
+
+def _count_calls(monkeypatch, func) -> list:
+    """Wrap ``func`` wherever a distill_kernels module bound it; returns the list its calls append to."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return func(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("distill_kernels"):
+            for attr, value in list(vars(module).items()):
+                if value is func:
+                    monkeypatch.setattr(module, attr, counting)
+    return calls
+
+
+def _public_calls():
+    """name -> (fn() -> (o, state) through the dispatcher, the torch reference, is a poly op)."""
+    q, k, v, ld, s0 = make_inputs(1, 5, 2, 1, 4, 3, True, True, device=DEVICE)  # needs grads: recurrent
+    F2, F3 = poly_feature_dim(3, 2), poly_feature_dim(3, 3)  # on Triton falls back to the chunk kernel
+    qp, kp, vp, ldp, sp2 = make_inputs(1, 5, 2, 1, 3, 3, True, True, state_dim=F2, seed=1, device=DEVICE)
+    sp3 = torch.randn(1, 1, F3, 3, device=DEVICE)
+    c2 = torch.tensor([[1.0, 1.0, 0.5], [0.5, -1.0, 2.0]], device=DEVICE)
+    c3 = torch.tensor([[1.0, 1.0, 0.5, 0.2], [0.5, -1.0, 2.0, 0.1]], device=DEVICE)
+    state = s0.detach().clone()
+
+    def decode_inplace():
+        with torch.no_grad():
+            o, s = ops.recurrent_linear_attn(q[:, :1], k[:, :1], v[:, :1], ld, state, inplace=True)
+        assert s is state
+        return o, s
+
+    with torch.no_grad():
+        want_decode = naive_linear_attn(q[:, :1], k[:, :1], v[:, :1], ld, s0)
+    return {
+        "chunk": (lambda: ops.chunk_linear_attn(q, k, v, ld, s0), naive_linear_attn(q, k, v, ld, s0), False),
+        "recurrent": (lambda: ops.recurrent_linear_attn(q, k, v, ld, s0), naive_linear_attn(q, k, v, ld, s0), False),
+        "recurrent (decode, inplace)": (decode_inplace, want_decode, False),
+        "chunk_poly": (lambda: ops.chunk_poly_attn(qp, kp, vp, c2, ldp, sp2),
+                       torch_chunk_poly_attn(qp, kp, vp, c2, ldp, sp2), True),
+        "chunk_poly (degree 3, materialised)": (lambda: ops.chunk_poly_attn(qp, kp, vp, c3, ldp, sp3),
+                                                torch_chunk_poly_attn(qp, kp, vp, c3, ldp, sp3), True),
+        "recurrent_poly": (lambda: ops.recurrent_poly_attn(qp, kp, vp, c2, ldp, sp2),
+                           torch_chunk_poly_attn(qp, kp, vp, c2, ldp, sp2), True),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_each_public_call_checks_once_and_resolves_once(backend, monkeypatch):
+    """Every entry point runs check_scan_args exactly once (inside check_poly_args for the poly ops),
+    whichever backend runs it, and the backend is resolved once per (DISTILL_BACKEND, device type)."""
+    monkeypatch.setenv("DISTILL_BACKEND", backend)
+    monkeypatch.setattr(ops, "_RESOLVED", {})
+    scan_checks = _count_calls(monkeypatch, validate.check_scan_args)
+    poly_checks = _count_calls(monkeypatch, poly.check_poly_args)
+    resolutions = _count_calls(monkeypatch, ops.resolve_backend)
+    if triton_chunk is not None:
+        device_checks = _count_calls(monkeypatch, triton_chunk.check_device)
+    for name, (call, want, is_poly) in _public_calls().items():
+        scan_checks.clear(), poly_checks.clear()
+        o, s = call()
+        assert len(scan_checks) == 1, f"{name}: check_scan_args ran {len(scan_checks)} times"
+        assert len(poly_checks) == int(is_poly), f"{name}: check_poly_args ran {len(poly_checks)} times"
+        assert scan_checks[0].get("unit_stride", False) == (backend == "triton"), name
+        torch.testing.assert_close((o, s), want, rtol=1e-5, atol=1e-5, msg=name)
+    assert len(resolutions) == 1
+    if triton_chunk is not None:
+        assert len(device_checks) == (backend == "triton")
+    monkeypatch.setenv("DISTILL_BACKEND", "torch" if backend == "triton" else "auto")  # a new key: resolved again
+    for _ in range(2):
+        ops.chunk_linear_attn(*make_inputs(1, 3, 2, 1, 4, 3, False, False, device=DEVICE))
+    assert len(resolutions) == 2
+
+
 # ------------------------------------------------------------------ bad input
 
 
 def _bad_inputs():
+    """(name, changed arguments, message, only the Triton kernels reject it), and the good arguments."""
     q, k, v, ld, s0 = (x.detach() for x in make_inputs(2, 8, 4, 2, 16, 8, True, True, device=DEVICE))
     return [
-        ("k", dict(k=k[:, :, :, :8]), r"k must be \[B, T, Hk, F\] = \[2, 8, Hk, 16\]"),
-        ("k heads", dict(k=torch.randn(2, 8, 3, 16, device=DEVICE)), "Hk dividing H=4"),
-        ("v", dict(v=v[:, :7]), r"v must be \[B, T, Hk, Dv\] = \[2, 8, 2, Dv\]"),
-        ("log_decay", dict(log_decay=ld[:1]), r"log_decay must be \[Hk\] = \[2\]"),
-        ("initial_state", dict(initial_state=s0[:, :, :4]), r"initial_state must be \[B, Hk, F, Dv\] = \[2, 2, 16, 8"),
-        ("dtype", dict(k=k.half()), "k must have the dtype of q"),
-        ("int", dict(v=v.long()), "v must be one of float32, float16, bfloat16, got torch.int64"),
-        ("float64", dict(q=q.double(), k=k.double()), "q must be one of float32, float16, bfloat16, got torch.float64"),
-        ("stride", dict(q=q.transpose(2, 3).contiguous().transpose(2, 3)), "q must have stride 1 on its last dim"),
-        ("q dims", dict(q=q[0]), "q must be 4-D"),
+        ("k", dict(k=k[:, :, :, :8]), r"k must be \[B, T, Hk, F\] = \[2, 8, Hk, 16\]", False),
+        ("k heads", dict(k=torch.randn(2, 8, 3, 16, device=DEVICE)), "Hk dividing H=4", False),
+        ("v", dict(v=v[:, :7]), r"v must be \[B, T, Hk, Dv\] = \[2, 8, 2, Dv\]", False),
+        ("log_decay", dict(log_decay=ld[:1]), r"log_decay must be \[Hk\] = \[2\]", False),
+        ("initial_state", dict(initial_state=s0[:, :, :4]),
+         r"initial_state must be \[B, Hk, F, Dv\] = \[2, 2, 16, 8", False),
+        ("dtype", dict(k=k.half()), "k must have the dtype of q", False),
+        ("int", dict(v=v.long()), "v must be one of float32, float16, bfloat16, float64, got torch.int64", False),
+        ("float64", dict(q=q.double(), k=k.double()),
+         "q must be one of float32, float16, bfloat16, got torch.float64", True),
+        ("stride", dict(q=q.transpose(2, 3).contiguous().transpose(2, 3)),
+         "q must have stride 1 on its last dim", True),
+        ("q dims", dict(q=q[0]), "q must be 4-D", False),
+        ("not a tensor", dict(q=q.tolist()), "q must be a torch.Tensor, got list", False),
     ], dict(q=q, k=k, v=v, log_decay=ld, initial_state=s0)
 
 
-@pytest.mark.parametrize("case", range(10))
-def test_bad_input_raises_before_launch(case):
+BAD_CASES = [case[0] for case in _bad_inputs()[0]]
+
+
+def _bad_case(name):
     cases, good = _bad_inputs()
-    _, change, message = cases[case]
-    kwargs = {**good, **change}
+    _, change, message, triton_only = next(c for c in cases if c[0] == name)
+    return {**good, **change}, message, triton_only
+
+
+@needs_triton
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_raises_before_launch(case):
+    kwargs, message, _ = _bad_case(case)
+    message = message.replace(", float64, got", ", got")  # the kernels take no float64
     for fn in (triton_chunk.chunk_linear_attn, triton_recurrent.recurrent_linear_attn):
         with pytest.raises(ValueError, match=message):
             fn(**kwargs)
 
 
-def test_poly_bad_input():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_dispatch_rejects_bad_input(case, backend, monkeypatch):
+    """The entry points' one check is the only one: the backends trust it."""
+    monkeypatch.setenv("DISTILL_BACKEND", backend)
+    kwargs, message, triton_only = _bad_case(case)
+    if backend == "triton":
+        message = message.replace(", float64, got", ", got")
+    for fn in (ops.chunk_linear_attn, ops.recurrent_linear_attn):
+        if triton_only and backend == "torch":  # the torch backend takes float64 and any strides
+            o, _ = fn(**kwargs)
+            assert o.shape == (2, 8, 4, 8)
+            continue
+        with pytest.raises(ValueError, match=message):
+            fn(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_poly_bad_input(backend, monkeypatch):
+    monkeypatch.setenv("DISTILL_BACKEND", backend)
     q, k, v, _, _ = make_inputs(1, 4, 2, 1, 3, 5, False, False, device=DEVICE)
-    with pytest.raises(ValueError, match=r"coeffs must be \[H, p\+1\] = \[2, p\+1\]"):
-        triton_chunk.chunk_poly_attn(q, k, v, torch.ones(3, 3, device=DEVICE))
-    with pytest.raises(ValueError, match=r"initial_state must be \[B, Hk, F, Dv\] = \[1, 1, 10, 5\]"):
-        state = torch.zeros(1, 1, 3, 5, device=DEVICE)
-        triton_chunk.chunk_poly_attn(q, k, v, torch.ones(2, 3, device=DEVICE), initial_state=state)
-    with pytest.raises(ValueError, match="p <= 2"):
-        triton_chunk.chunk_poly_attn(q, k, v, torch.ones(2, 4, device=DEVICE))
+    entry_points = [ops.chunk_poly_attn, ops.recurrent_poly_attn]
+    if backend == "triton":
+        entry_points.append(triton_chunk.chunk_poly_attn)
+    for fn in entry_points:
+        with pytest.raises(ValueError, match=r"coeffs must be \[H, p\+1\] = \[2, p\+1\]"):
+            fn(q, k, v, torch.ones(3, 3, device=DEVICE))
+        with pytest.raises(ValueError, match=r"initial_state must be \[B, Hk, F, Dv\] = \[1, 1, 10, 5\]"):
+            state = torch.zeros(1, 1, 3, 5, device=DEVICE)
+            fn(q, k, v, torch.ones(2, 3, device=DEVICE), initial_state=state)
+        with pytest.raises(ValueError, match="q_proj must be a torch.Tensor"):
+            fn(None, k, v, torch.ones(2, 3, device=DEVICE))
+    if backend == "triton":
+        with pytest.raises(ValueError, match="p <= 2"):
+            triton_chunk.chunk_poly_attn(q, k, v, torch.ones(2, 4, device=DEVICE))
+        with pytest.raises(ValueError, match="chunk_size must be a power of two >= 16"):
+            triton_chunk.chunk_poly_attn(q, k, v, torch.ones(2, 3, device=DEVICE), chunk_size=8)
 
 
 # ------------------------------------------------------------------ benchmark runner
 
 
+@needs_triton
 def test_kernel_benchmark_runner_smoke(tmp_path):
     """benchmarks.kernels checks and times every implementation and writes its reports."""
     from benchmarks import kernels as bench
