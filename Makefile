@@ -1,5 +1,6 @@
 # Quick start:  make demo   (set up, fetch the offline demo model, convert it)
 #               make test   (set up, run the test suite)
+#               make bench  (set up, run the benchmarks at small sizes into runs/bench)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,6 +21,9 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -q -n 2
+
+bench: setup
+	$(BIN)/python -m benchmarks --out runs/bench --quick
 
 clean:
 	rm -rf $(VENV) runs

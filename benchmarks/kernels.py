@@ -19,7 +19,6 @@ Work model, per forward (C = chunk size 64, G = H/Hk):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Callable
 import torch
 
 import distill_kernels as ops
+from distill.files import atomic_write_text
 from distill_kernels import poly
 
 from . import runner
@@ -331,16 +331,6 @@ def summary(rows: list[dict]) -> list[str]:
     return notes
 
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def markdown(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]) + "\n"
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -405,11 +395,11 @@ def write_results(out: Path, name: str, device: torch.device, rows: list[dict], 
         notes.append("CPU: only the torch path is timed (Triton and fla need a GPU)")
     notes += summary(rows)
     data = {"device": name, "peaks": {"TFLOP/s": peak_tflops, "GB/s": peak_gbs}, "rows": rows, "notes": notes}
-    (out / "kernels.json").write_text(json.dumps(data, indent=2))
+    runner.write_json(out / "kernels.json", data)
     md = "# Kernel benchmarks\n\n" + "".join(f"- {n}\n" for n in notes)
     for op in dict.fromkeys(r["op"] for r in rows):
-        md += f"\n## {op}\n\n" + markdown([r for r in rows if r["op"] == op])
-    (out / "kernels.md").write_text(md)
+        md += f"\n## {op}\n\n" + runner.markdown_table([r for r in rows if r["op"] == op])
+    atomic_write_text(out / "kernels.md", md)
     return data
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distill.files import atomic_write_text
+
 log = logging.getLogger("benchmarks")
 
 
@@ -95,6 +97,7 @@ def _fmt(value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table with one column per key seen in ``rows`` (in order of first appearance)."""
     if not rows:
         return "(no rows)\n"
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -113,10 +116,9 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON (anything else as its ``str``), atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _ran(info: dict[str, Any]) -> str:
@@ -157,8 +159,8 @@ def write_results(out: Path, info: dict[str, Any], results: dict[str, Result | s
         md += [f"\n- {note}" for note in case["notes"]]
         md += [f"\n\n![{png}]({png})" for png in case["plots"]]
         md.append("\n")
-    atomic_write(out / "results.json", json.dumps({"machine": info, "cases": cases}, indent=2, default=str))
-    atomic_write(out / "results.md", "".join(md))
+    write_json(out / "results.json", {"machine": info, "cases": cases})
+    atomic_write_text(out / "results.md", "".join(md))
 
 
 def run(names: list[str], ctx: Context) -> dict[str, Result | str]:

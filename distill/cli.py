@@ -1,63 +1,54 @@
-"""``distill`` command line: one small class per subcommand, registered by name.
+"""``distill`` command line: one small class per subcommand, listed in :data:`COMMANDS`.
 
-Bad input raises :class:`distill.errors.DistillError` (or ``ValueError``/``FileNotFoundError``)
-and exits with code 2 and one line on stderr; ``--debug`` shows the traceback instead.
+Exit codes: 0 done; 2 bad input (:class:`distill.errors.DistillError`) and 1 a run that failed
+cleanly (:class:`distill.errors.RunFailed`), both shown as one line; 1 also for any other
+exception, which is a bug: its traceback is shown with a line asking for a report; 130
+interrupted. ``--debug`` re-raises instead, so every error shows its traceback.
+
+Subcommand modules import only argparse-level code at the top, so ``distill --help`` does not
+load torch, transformers or lm-eval; each command imports them inside ``run``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import ClassVar
+import traceback
 
-COMMANDS: dict[str, type["Command"]] = {}
+from .command_base import Command
+from .errors import DistillError
+from .eval.command import EvalCommand
+from .pipeline.command import ConvertCommand, GenerateCommand
 
-
-def register_command(cls: type["Command"]) -> type["Command"]:
-    if cls.name in COMMANDS:
-        raise ValueError(f"command {cls.name!r} is registered twice")
-    COMMANDS[cls.name] = cls
-    return cls
+COMMANDS: tuple[type[Command], ...] = (ConvertCommand, GenerateCommand, EvalCommand)
 
 
-class Command:
-    name: ClassVar[str]
-    help: ClassVar[str]
-    # Name of a positional ``nargs="*"`` argument that also collects trailing positionals given
-    # after options (argparse alone rejects ``cmd X --opt v key=value``); None = no such argument.
-    extra_args: ClassVar[str | None] = None
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
-
-    @staticmethod
-    def run(args: argparse.Namespace) -> int: ...
-
-
-def _load_commands() -> None:
-    # Each module registers its command on import; imported here so `import distill` stays light.
-    import importlib
-
-    for module in ("distill.commands",):
-        importlib.import_module(module)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_commands()
+def build_parser(commands: tuple[type[Command], ...] = COMMANDS) -> argparse.ArgumentParser:
+    """The ``distill`` parser with one subparser per command; a name given twice is an error."""
     parser = argparse.ArgumentParser(prog="distill", description="Turn a transformer LM into a recurrent model.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug-level logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, cls in COMMANDS.items():
-        p = sub.add_parser(name, help=cls.help, description=cls.help)
+    seen: set[str] = set()
+    for cls in commands:
+        if cls.name in seen:
+            raise ValueError(f"command {cls.name!r} is listed twice")
+        seen.add(cls.name)
+        p = sub.add_parser(cls.name, help=cls.help, description=cls.help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
         cls.add_arguments(p)
         p.set_defaults(_command=cls)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main(argv: list[str] | None = None, commands: tuple[type[Command], ...] = COMMANDS) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, and return the exit code."""
+    parser = build_parser(commands)
     args, extra = parser.parse_known_args(argv)
     if extra:
         collect = getattr(getattr(args, "_command", None), "extra_args", None)
@@ -69,17 +60,27 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    debug = getattr(args, "debug", False)
     try:
         return args._command.run(args) or 0
     except KeyboardInterrupt:
         print("distill: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as err:
-        if getattr(args, "debug", False):
+    except DistillError as err:
+        if debug:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"distill: error: {msg}", file=sys.stderr)
-        return 2
+        print(f"distill: error: {_first_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except Exception as err:
+        if debug:
+            raise
+        traceback.print_exc()
+        print(
+            f"distill: internal error (a bug): {type(err).__name__}: {_first_line(err)}; "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

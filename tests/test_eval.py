@@ -20,7 +20,7 @@ from distill.cache import RecurrentCache
 from distill.cli import main
 from distill.errors import DistillError
 from distill.eval import runner
-from distill.eval import tasks as T
+from distill.eval import tasks as eval_tasks
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -229,21 +229,21 @@ def test_recovery_and_relative_scores():
 
 
 def test_shipped_offline_tasks_load(manager, tmp_path, monkeypatch):
-    """Every YAML in configs/tasks is indexed and builds, here on fake cached data."""
+    """Every YAML in distill/eval/task_configs is indexed and builds, here on fake cached data."""
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
-    bb = T.bigbench_dir()
+    bb = eval_tasks.bigbench_dir()
     bb.mkdir()
     example = {"input": "Pick one. ", "target_scores": {"yes ": 0, "no": 1, "maybe": 0}}
-    for name in T.BIGBENCH_TASKS:
+    for name in eval_tasks.BIGBENCH_TASKS:
         (bb / f"{name}.json").write_text(json.dumps({"examples": [example] * 3}))
     summaries = {str(i): {"title": f"T{i:02d}", "extract": f"Text number {i}."} for i in range(20)}
     (tmp_path / "summaries_en-us.json").write_text(json.dumps(summaries))
 
-    shipped = sorted(p.stem for p in T.TASKS_DIR.glob("*.yaml"))
-    assert shipped == sorted(T.SUITES["offline"].headline)
-    plan = T.resolve_tasks("offline", manager)
+    shipped = sorted(p.stem for p in eval_tasks.TASKS_DIR.glob("*.yaml"))
+    assert shipped == sorted(eval_tasks.SUITES["offline"].headline)
+    plan = eval_tasks.resolve_tasks("offline", manager)
     assert plan.needs_hub == []
-    objects = T.load_tasks(plan, manager)
+    objects = eval_tasks.load_tasks(plan, manager)
     assert [o.task_name for o in objects] == plan.names
     docs = {o.task_name: list(o.eval_docs) for o in objects}
     assert len(docs["wiki_heldout_ppl"]) == 2  # titles T00 and T10
@@ -251,23 +251,23 @@ def test_shipped_offline_tasks_load(manager, tmp_path, monkeypatch):
     doc = docs["bigbench_social_iqa"][0]
     assert mc.doc_to_text(doc) == "Q: Pick one.\nA:"
     assert mc.doc_to_choice(doc) == ["yes", "no", "maybe"] and mc.doc_to_target(doc) == 1
-    assert T.chance_levels(objects)["bigbench_social_iqa"] == pytest.approx(1 / 3)
+    assert eval_tasks.chance_levels(objects)["bigbench_social_iqa"] == pytest.approx(1 / 3)
 
 
 def test_groups_expand_with_fewshot_and_chance(manager):
-    plan = T.resolve_tasks("tiny_group", manager)
+    plan = eval_tasks.resolve_tasks("tiny_group", manager)
     plan.num_fewshot["tiny_group"] = 2
-    (group,) = T.load_tasks(plan, manager)
+    (group,) = eval_tasks.load_tasks(plan, manager)
     assert [t.get_config("num_fewshot") for t in group.get_all_tasks()] == [2]
-    chance = T.chance_levels([group], limit=2)
+    chance = eval_tasks.chance_levels([group], limit=2)
     assert chance["tiny_group"] == chance["tiny_mc"] == pytest.approx((1 / 3 + 1 / 2) / 2)
 
 
 def test_unknown_task_lists_close_matches(manager):
     with pytest.raises(DistillError, match="arc_easy"):
-        T.resolve_tasks("arc_easi", manager)
+        eval_tasks.resolve_tasks("arc_easi", manager)
     with pytest.raises(DistillError, match="offline"):
-        T.resolve_tasks("tiny_mc,ofline", manager)
+        eval_tasks.resolve_tasks("tiny_mc,ofline", manager)
 
 
 def _cli(args, capsys):
@@ -281,7 +281,7 @@ def test_cli_unknown_task_exits_2(task_dir, tmp_path, capsys):
 
 
 def test_cli_builtin_task_offline_is_one_line(task_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(T, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(eval_tasks, "hub_reachable", lambda timeout=3.0: False)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     code, err = _cli(["x", "--tasks", "piqa", "--include-path", str(task_dir), "--out", str(tmp_path / "r.json")], capsys)

@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-from ..cli import Command, register_command
+from ..command_base import Command
+from ..config import DTYPES
 from ..errors import DistillError
-from ..pipeline.config import DTYPES
 
 log = logging.getLogger(__name__)
 
 
-@register_command
 class EvalCommand(Command):
     name = "eval"
     help = "score a model (and its teacher) with lm-eval; writes JSON and a Markdown table"
@@ -45,6 +45,12 @@ class EvalCommand(Command):
 
         if args.out.suffix != ".json":
             raise DistillError(f"--out must name a .json file, got {args.out}")
+        try:  # fail now, not after the models have been scored
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DistillError(f"cannot create the folder of --out {args.out} ({err.strerror or err})") from None
+        if not os.access(args.out.parent, os.W_OK):
+            raise DistillError(f"cannot write --out {args.out}: its folder is not writable")
         report = run(
             {"student": args.model, "teacher": args.teacher},
             args.tasks,

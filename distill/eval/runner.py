@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import DistillError
-from . import tasks as T
+from ..files import atomic_write_text
+from .tasks import chance_levels, load_tasks, prepare_offline_data, resolve_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +163,9 @@ def summary(rows: list[Row], headline: dict[str, str], wall: dict[str, float]) -
     return text + f"; wall: {times})"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so the rename is atomic
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @functools.lru_cache(maxsize=4)
 def _manager(include_path: str | None):
-    return T.task_manager(include_path)  # indexing every lm-eval YAML takes seconds; reuse it
+    return task_manager(include_path)  # indexing every lm-eval YAML takes seconds; reuse it
 
 
 def _top_name(obj) -> str:
@@ -203,11 +191,11 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     if batch_size < 1:
         raise DistillError(f"--batch-size must be at least 1, got {batch_size}")
     manager = _manager(str(include_path) if include_path else None)
-    plan = T.resolve_tasks(tasks, manager)
-    T.prepare_offline_data(plan)
-    objects = T.load_tasks(plan, manager)
+    plan = resolve_tasks(tasks, manager)
+    prepare_offline_data(plan)
+    objects = load_tasks(plan, manager)
     names = [_top_name(o) for o in objects]
-    chance = T.chance_levels(objects, limit)
+    chance = chance_levels(objects, limit)
 
     results: dict[str, dict[str, Any]] = {}
     wall: dict[str, float] = {}
@@ -223,7 +211,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         model, tokenizer = loader(models[role], getattr(torch, dtype))  # loaded in dtype: no float32 copy first
         model = model.to(getattr(torch, dtype))  # a no-op unless the loader kept another dtype
         lengths[role] = max_length_for(model, max_length)
-        objects = objects or T.load_tasks(plan, manager)  # fresh Task objects for each model
+        objects = objects or load_tasks(plan, manager)  # fresh Task objects for each model
         log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])
         results[role] = evaluate_model(
             model, tokenizer, objects, manager=manager, batch_size=batch_size, max_length=lengths[role], limit=limit
@@ -308,7 +296,8 @@ def write_report(report: dict[str, Any], out: Path) -> Path:
     """``out`` (JSON, with lm-eval's ``handle_non_serializable``) and the table beside it as ``.md``."""
     from lm_eval.utils import handle_non_serializable
 
-    write_atomic(out, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
     md = out.with_suffix(".md")
-    write_atomic(md, f"# distill eval\n\n{report['markdown']}\n{report['summary']}\n")
+    atomic_write_text(md, f"# distill eval\n\n{report['markdown']}\n{report['summary']}\n")
     return md

