@@ -24,12 +24,13 @@ from tqdm.auto import tqdm
 from distill import convert_model
 from distill.models import load_model
 from distill.pipeline.checkpoint import RunStore
-from distill.pipeline.config import RunConfig
+from distill.pipeline.run_config import RunConfig
 from distill.pipeline.data import prepare_data
-from distill.pipeline.evaluate import perplexity
+from distill.pipeline.perplexity import perplexity
 from distill.pipeline.fit import collect_qk, make_pairs, run_fit, set_mix
-from distill.pipeline.params import converted_layers, new_parameters
-from distill.pipeline.stream import decoder_layers
+from distill.pipeline.params import converted_layers
+from distill.pipeline.train import StageContext, prepare_new_parameters
+from distill.pipeline.layerwise import decoder_layers
 from distill.pipeline.transfer import run_transfer
 
 from .runner import Context, Result, case, save_figure
@@ -70,14 +71,14 @@ def _state_bytes(model) -> int:
     return cache.nbytes()
 
 
-def _initialise(model, data, cfg: RunConfig, init: str, seed: int, quiet) -> dict:
+def _initialise(model, data, cfg: RunConfig, init: str, ctx: StageContext) -> dict:
     """Apply ``init`` to a freshly converted model; returns its fit errors (poly-fit only)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(ctx.seed)
     if init == "random":
-        _random_projection(model, seed)
+        _random_projection(model, ctx.seed)
     if init == "poly-fit":
-        fit = run_fit(model, data.train, cfg.fit, quiet)
-        return {"fit_error": statistics.mean(r["fit_error"] for r in fit)}
+        fit = run_fit(model, data, cfg.fit, ctx)
+        return {"fit_error": statistics.mean(r.fit_error for r in fit)}
     if cfg.model.window:
         _set_mixing(model, data.train, cfg)
     return {}
@@ -88,36 +89,33 @@ def _variant(teacher, data, cfg: RunConfig, init: str, seed: int, quiet, starts:
     parameters and budget-0 perplexity per (init, window): a deeper stack starts exactly equal to
     depth 1 (zero-initialised residual sublayers) and the loss only matters once training starts."""
     model = convert_model(copy.deepcopy(teacher), cfg.model)
-    model.requires_grad_(False)
-    for i in converted_layers(model):
-        for p in new_parameters(decoder_layers(model)[i].self_attn).values():
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    prepare_new_parameters(model)
     start = time.time()
     key = (init, cfg.model.window)
-    if key in starts:
-        params, ppl_init, extra = starts[key]
-        unexpected = model.load_state_dict(params, strict=False).unexpected_keys
-        assert not unexpected, unexpected
-    else:
-        extra = _initialise(model, data, cfg, init, seed, quiet)
-        ppl_init = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
-        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and ".stack." not in n}
-        starts[key] = (params, ppl_init, extra)
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp))
         store.create({})
-        layers = run_transfer(model, data.train, data.heldout, cfg.transfer, seed, store, quiet)
+        ctx = StageContext(seed=seed, store=store, progress=quiet)
+        if key in starts:
+            params, ppl_init, extra = starts[key]
+            unexpected = model.load_state_dict(params, strict=False).unexpected_keys
+            assert not unexpected, unexpected
+        else:
+            extra = _initialise(model, data, cfg, init, ctx)
+            ppl_init = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
+            params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and ".stack." not in n}
+            starts[key] = (params, ppl_init, extra)
+        layers = run_transfer(model, data, cfg.transfer, ctx)
     ppl = perplexity(model, data.heldout, "parallel", cfg.batch_size_eval)
     return {
         "ppl_init": ppl_init,
         "ppl": ppl,
-        "err_before": statistics.mean(r["transfer_mse_before"] for r in layers),
-        "err_after": statistics.mean(r["transfer_mse_after"] for r in layers),
+        "err_before": statistics.mean(r.transfer_mse_before for r in layers),
+        "err_after": statistics.mean(r.transfer_mse_after for r in layers),
         "state_MB": _state_bytes(model) / 2**20,
         "seconds": time.time() - start,
-        "layer_err_before": [r["transfer_mse_before"] for r in layers],
-        "layer_err_after": [r["transfer_mse_after"] for r in layers],
+        "layer_err_before": [r.transfer_mse_before for r in layers],
+        "layer_err_after": [r.transfer_mse_after for r in layers],
         **extra,
     }
 

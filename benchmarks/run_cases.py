@@ -69,9 +69,9 @@ def conversion(ctx: Context) -> Result:
 def quality(ctx: Context) -> Result:
     from distill import load_converted
     from distill.models import load_model
-    from distill.pipeline.config import RunConfig
+    from distill.pipeline.run_config import RunConfig
     from distill.pipeline.data import prepare_data
-    from distill.pipeline.evaluate import perplexity
+    from distill.pipeline.perplexity import perplexity
 
     run = _run_dir(ctx)
     rep = _report(run)

@@ -23,7 +23,21 @@ class Architecture:
         return model.model.layers
 
     @staticmethod
-    def teacher_window(config, layer_idx: int) -> int | None:
+    def embed_tokens(model: nn.Module) -> nn.Module:
+        return model.model.embed_tokens
+
+    @staticmethod
+    def rotary_emb(model: nn.Module) -> nn.Module:
+        """The module that returns RoPE (cos, sin) for ``(hidden, position_ids)``."""
+        return model.model.rotary_emb
+
+    @staticmethod
+    def attention_prefix(layer_idx: int) -> str:
+        """State-dict name prefix of layer ``layer_idx``'s attention module."""
+        return f"model.layers.{layer_idx}.self_attn."
+
+    @staticmethod
+    def teacher_sliding_window(config, layer_idx: int) -> int | None:
         """The teacher's own sliding window for this layer, if it has one."""
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None)

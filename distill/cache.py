@@ -14,7 +14,8 @@ class RecurrentLayer(CacheLayerMixin):
     """State of one converted attention layer.
 
     states: one fp32 tensor per stacked sublayer, [B, Hk, F, D+1] (S and z together).
-    window: (keys [B, w, Hk, D], values [B, w, Hk, D], valid [B, w]) for the softmax window.
+    recent: the last w keys and values and their padding flags (keys [B, w, Hk, D], values
+    [B, w, Hk, D], valid [B, w]), which the softmax window attends exactly.
     """
 
     is_compileable = False
@@ -25,7 +26,7 @@ class RecurrentLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.states: list[torch.Tensor] | None = None
-        self.window: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.recent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.seen = 0
 
     def lazy_initialization(self, *args, **kwargs) -> None:  # state is created by the first forward
@@ -34,8 +35,8 @@ class RecurrentLayer(CacheLayerMixin):
     def update(self, *args, **kwargs):
         raise NotImplementedError("a converted layer keeps a recurrent state, not keys and values")
 
-    def store(self, states: list[torch.Tensor], window, num_tokens: int) -> None:
-        self.states, self.window = states, window
+    def store(self, states: list[torch.Tensor], recent, num_tokens: int) -> None:
+        self.states, self.recent = states, recent
         self.seen += num_tokens
         self.is_initialized = True
 
@@ -55,7 +56,7 @@ class RecurrentLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.states, self.window, self.seen, self.is_initialized = None, None, 0, False
+        self.states, self.recent, self.seen, self.is_initialized = None, None, 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a recurrent state cannot be rolled back; assisted decoding is not supported")
@@ -63,8 +64,8 @@ class RecurrentLayer(CacheLayerMixin):
     def _map(self, fn) -> None:
         if self.states is not None:
             self.states = [fn(s) for s in self.states]
-        if self.window is not None:
-            self.window = tuple(fn(t) for t in self.window)
+        if self.recent is not None:
+            self.recent = tuple(fn(t) for t in self.recent)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -80,7 +81,7 @@ class RecurrentLayer(CacheLayerMixin):
         return self.states[0].shape[0] if self.states else -1
 
     def nbytes(self) -> int:
-        tensors = list(self.states or []) + list(self.window or [])
+        tensors = list(self.states or []) + list(self.recent or [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -97,7 +98,7 @@ class RecurrentCache(Cache):
         return sizes.pop() if sizes else -1
 
     def nbytes(self) -> int:
-        """Bytes held: recurrent states, windows and any softmax layers' keys/values."""
+        """Bytes held: recurrent states, recent keys/values and any softmax layers' keys/values."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, RecurrentLayer):

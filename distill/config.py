@@ -10,6 +10,7 @@ import yaml
 from .errors import DistillError
 
 DECAYS = ("none", "fixed", "learned")
+DTYPES = ("float32", "bfloat16", "float16")  # weight dtypes a run or an eval may use
 
 
 @dataclass

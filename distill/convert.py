@@ -7,6 +7,7 @@ or :func:`load_converted` rebuilds exactly the same model, strictly, without rem
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from .architectures import ARCHITECTURES, PREFIX, base_model_type, get_architect
 from .cache import RecurrentCache
 from .config import ConvertConfig
 from .errors import DistillError
+from .feature_maps import check_feature_map
 from .layer import LinearAttention
+from .rnn import RNNSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ class DistillMixin:
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
-        _swap_attention(self, ConvertConfig.from_dict(config.distill))
+        cfg = ConvertConfig.from_dict(config.distill)
+        _swap_attention(self, cfg, _layer_spec(self, cfg))
 
     @property
     def distill_config(self) -> ConvertConfig:
@@ -119,30 +123,64 @@ def register_all() -> None:
         distill_classes(model_type)
 
 
-def _build_replacements(model: nn.Module, cfg: ConvertConfig) -> dict[int, LinearAttention]:
-    """Validate everything and build the new modules without touching ``model``."""
-    arch = get_architecture(model.config.model_type)
-    layers = arch.decoder_layers(model)
+def check_convertible(model: nn.Module, cfg: ConvertConfig) -> RNNSpec:
+    """Raise a one-line :class:`DistillError` unless ``cfg`` can convert ``model`` (a supported,
+    not yet converted causal LM; valid layer indices; a feature map that fits its head size).
+    Touches nothing; returns the checked sublayer spec."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise DistillError("convert_model needs a transformers causal LM (a model with .config.model_type)")
+    if model_type.startswith(PREFIX):
+        raise DistillError("this model is already converted; start again from its teacher")
+    return _layer_spec(model, cfg)
+
+
+def _layer_spec(model: nn.Module, cfg: ConvertConfig) -> RNNSpec:
+    layers = get_architecture(model.config.model_type).decoder_layers(model)
     bad = [i for i in cfg.keep_softmax_layers if not 0 <= i < len(layers)]
     if bad:
         raise DistillError(
             f"keep_softmax_layers has index {bad[0]} but the model has {len(layers)} layers (0..{len(layers) - 1})"
         )
+    head_dim = layers[0].self_attn.head_dim
+    map_cls = check_feature_map(cfg.feature_map, cfg.feature_map_kwargs, head_dim)
+    return RNNSpec(map_cls, dict(cfg.feature_map_kwargs), cfg.decay)
+
+
+def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> dict[int, LinearAttention]:
+    """Build the new modules (``cfg`` already checked) without touching ``model``."""
+    arch = get_architecture(model.config.model_type)
+    config = model.config
+    layers = arch.decoder_layers(model)
     built = {}
     for i, layer in enumerate(layers):
         if i in cfg.keep_softmax_layers:
             continue
         attn = layer.self_attn
-        module = LinearAttention(attn, cfg, model.config, i, arch)
+        module = LinearAttention(
+            attn,
+            i,
+            spec,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            depth=cfg.depth,
+            window=cfg.window,
+            eps=cfg.eps,
+            teacher_sliding_window=arch.teacher_sliding_window(config, i),
+            qk_norm=arch.qk_norm,
+        )
         ref = attn.q_proj.weight
         built[i] = module.to(device=ref.device, dtype=ref.dtype)
     return built
 
 
-def _swap_attention(model: nn.Module, cfg: ConvertConfig) -> None:
+def _swap_attention(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> int:
+    """Replace the attention modules named by ``cfg``; returns how many were converted."""
     layers = get_architecture(model.config.model_type).decoder_layers(model)
-    for i, module in _build_replacements(model, cfg).items():
+    built = _build_replacements(model, cfg, spec)  # built in full before anything is swapped
+    for i, module in built.items():
         layers[i].self_attn = module
+    return len(built)
 
 
 def convert_model(model: nn.Module, config: ConvertConfig | dict[str, Any] | None = None) -> nn.Module:
@@ -152,27 +190,26 @@ def convert_model(model: nn.Module, config: ConvertConfig | dict[str, Any] | Non
     ``model`` unchanged (like peft). Teacher weights are shared, not copied.
     """
     cfg = config if isinstance(config, ConvertConfig) else ConvertConfig.from_dict(config or {})
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise DistillError("convert_model needs a transformers causal LM (a model with .config.model_type)")
-    if model_type.startswith(PREFIX):
-        raise DistillError("this model is already converted; start again from the teacher")
-    get_architecture(model_type)
-    built = _build_replacements(model, cfg)
+    spec = check_convertible(model, cfg)
+    model_type = model.config.model_type
     config_cls, model_cls = distill_classes(model_type)
-    layers = get_architecture(model_type).decoder_layers(model)
-    for i, module in built.items():
-        layers[i].self_attn = module
+    converted = _swap_attention(model, cfg, spec)
     model.config.__class__ = config_cls
     model.config.distill = cfg.to_dict()
     model.__class__ = model_cls
-    log.info("converted %d of %d attention layers (%s)", len(built), len(layers), cfg.feature_map)
+    total = len(get_architecture(model_type).decoder_layers(model))
+    log.info("converted %d of %d attention layers (%s)", converted, total, cfg.feature_map)
     return model
 
 
 def is_converted(path: str | Path) -> bool:
+    """Whether ``path`` holds a folder written from a converted model (its model_type says so)."""
     config = Path(path) / "config.json"
-    return config.is_file() and f'"{PREFIX}' in config.read_text(encoding="utf-8", errors="replace")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(model_type, str) and model_type.startswith(PREFIX)
 
 
 def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None):
@@ -197,3 +234,4 @@ def load_converted(path: str | Path, dtype: torch.dtype | str | None = None, dev
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:
         raise DistillError(f"cannot load weights from {path} ({str(err).splitlines()[0]}); the checkpoint may be corrupt") from None
     return model.to(device) if device is not None else model
+register_all()  # importing this module makes AutoModelForCausalLM load converted folders

@@ -4,12 +4,15 @@ Sublayer 1 reuses the teacher's q/k/v/o projections, q/k norms, RoPE and GQA (th
 shared, not copied). With queries q_t, keys k_s and values v_s after RoPE:
 
     window = 0:   y_t = φ(q_t)ᵀS_t / (φ(q_t)ᵀz_t + ε)        (normalised causal linear attention)
-    window = w:   y_t = (Σ_{t-w<s≤t} e^{s_ts − m_t} v_s + g_h e^{−m_t} φ(q_t)ᵀS_{t−w})
-                        / (Σ_{t-w<s≤t} e^{s_ts − m_t}     + g_h e^{−m_t} φ(q_t)ᵀz_{t−w} + ε)
+    window = w:   y_t = (Σ_{t-w<s≤t} e^{s_ts − m_t} v_s + e^{log g_h − m_t} φ(q_t)ᵀS_{t−w})
+                        / (Σ_{t-w<s≤t} e^{s_ts − m_t}     + e^{log g_h − m_t} φ(q_t)ᵀz_{t−w} + ε)
 
-where s_ts = q_t·k_s/√d, m_t = max(0, max_s s_ts) over the window, S/z sum only keys older than
-the window, and g_h = exp(log_mix_h) is a learned per-head mixing factor (LoLCATs-style hybrid,
-one shared normalisation). A per-kv-head decay γ multiplies S and z at each step when enabled.
+where s_ts = q_t·k_s/√d, S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a
+learned per-head mixing factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is
+the larger of the window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two
+parts is 1: the denominator is then at least 1, ε never dominates, and no factor overflows
+(e^{log g − m} is computed as one exponent). A per-kv-head decay γ multiplies S and z at each
+step when enabled.
 
 Sublayer j ≥ 2 reads the previous sublayer's per-head output y^{j−1} [B,T,H,D]:
 
@@ -29,21 +32,21 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .architectures import Architecture
 from .cache import RecurrentLayer
-from .config import ConvertConfig
-from .rnn import LinearRNN
+from .fp32 import KeepFloat32
+from .rnn import LinearRNN, RNNSpec
 
 MODES = ("auto", "parallel", "recurrent", "teacher")
 QUERY_BLOCK = 256  # queries per block in the windowed softmax
+NO_SCORE = -1e4  # shift floor for a query that sees no key (padding): keeps e^{s−m} at 0, not NaN
 
 
 class StackSublayer(nn.Module):
     """Sublayer j ≥ 2: a residual linear-attention correction over the previous output."""
 
-    def __init__(self, cfg: ConvertConfig, head_dim: int, num_heads: int):
+    def __init__(self, spec: RNNSpec, head_dim: int, num_heads: int):
         super().__init__()
-        self.rnn = LinearRNN(cfg, head_dim, num_heads, num_heads)
+        self.rnn = LinearRNN(spec, head_dim, num_heads, num_heads)
         eye = torch.eye(head_dim).repeat(num_heads, 1, 1)  # (H, D, D)
         self.w_q, self.w_k, self.w_v = (nn.Parameter(eye.clone()) for _ in range(3))
         self.w_o = nn.Parameter(torch.zeros_like(eye))
@@ -57,14 +60,14 @@ class StackSublayer(nn.Module):
         return x + torch.einsum("bthd,hde->bthe", u, self.w_o.float()), state
 
 
-def teacher_mask(T: int, valid: torch.Tensor | None, window: int | None, device) -> torch.Tensor:
+def teacher_mask(T: int, valid: torch.Tensor | None, sliding_window: int | None, device) -> torch.Tensor:
     """Boolean [B|1, 1, T, T]: causal, inside the teacher's sliding window, and not padding.
     Each query always sees itself so that padded rows stay finite."""
     i = torch.arange(T, device=device)
     lag = i[:, None] - i[None, :]
     mask = lag >= 0
-    if window:
-        mask = mask & (lag < window)
+    if sliding_window:
+        mask = mask & (lag < sliding_window)
     mask = mask[None, None]
     if valid is not None:
         mask = mask & (valid[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device))
@@ -76,7 +79,7 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
 
     q [B,T,H,D]; k_all, v_all [B,w+T,Hk,D]; valid_all [B,w+T]. Query t sees k_all[t+1 : t+w+1]
     (itself and the w−1 keys before it). Returns num [B,T,H,D], den [B,T,H] and the shift
-    m [B,T,H] = max(0, largest visible score), with num/den computed as Σ e^{s−m}(v, 1).
+    m [B,T,H] = the largest visible score (``NO_SCORE`` if none), with num/den = Σ e^{s−m}(v, 1).
     """
     B, T, H, D = q.shape
     Hk = k_all.shape[2]
@@ -85,7 +88,7 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
         kw, vw = k_all[:, 1:].float(), v_all[:, 1:].float()  # (B, w, Hk, D)
         scores = torch.einsum("bigd,bsid->bigs", qg, kw) * scaling  # (B, Hk, G, w)
         scores = scores.masked_fill(~valid_all[:, None, None, 1:], float("-inf"))
-        m = scores.amax(dim=-1).clamp(min=0)  # (B, Hk, G)
+        m = scores.amax(dim=-1).clamp(min=NO_SCORE)  # (B, Hk, G)
         e = torch.exp(scores - m[..., None])
         num = torch.einsum("bigs,bsid->bigd", e, vw)  # (B, Hk, G, D)
         return num.reshape(B, 1, H, D), e.sum(-1).reshape(B, 1, H), m.reshape(B, 1, H)
@@ -99,7 +102,7 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
         visible = (rel >= 0) & (rel < window)  # (n, n+w-1)
         visible = visible[None, None, None] & valid_all[:, None, None, None, a + 1 : b + window]
         scores = scores.masked_fill(~visible, float("-inf"))
-        m = scores.amax(dim=-1).clamp(min=0)  # (B, Hk, G, n)
+        m = scores.amax(dim=-1).clamp(min=NO_SCORE)  # (B, Hk, G, n)
         e = torch.exp(scores - m[..., None])
         nums.append(torch.einsum("bigts,bsid->btigd", e, vb).reshape(B, b - a, H, D))
         dens.append(e.sum(-1).permute(0, 3, 1, 2).reshape(B, b - a, H))
@@ -107,27 +110,47 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
     return torch.cat(nums, 1), torch.cat(dens, 1), torch.cat(maxes, 1)
 
 
-class LinearAttention(nn.Module):
-    """Drop-in replacement for a decoder layer's ``self_attn`` (see the module docstring)."""
+class LinearAttention(KeepFloat32):
+    """Drop-in replacement for a decoder layer's ``self_attn`` (see the module docstring).
 
-    def __init__(self, attn: nn.Module, cfg: ConvertConfig, config, layer_idx: int, arch: Architecture):
+    attn: the teacher's attention module (its projections and q/k norms are shared, not copied);
+    rnn: each sublayer's feature map and decay; depth: sublayers; window: the student's exact
+    softmax window (0 = pure linear); teacher_sliding_window: the teacher's own sliding window for
+    this layer (None = full causal attention); qk_norm: whether ``attn`` has q/k norms.
+    """
+
+    float32_tensors = ("log_mix",)
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        layer_idx: int,
+        rnn: RNNSpec,
+        *,
+        num_heads: int,
+        num_kv_heads: int,
+        depth: int = 1,
+        window: int = 0,
+        eps: float = 1e-6,
+        teacher_sliding_window: int | None = None,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = attn.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.scaling = attn.scaling
-        self.teacher_window = arch.teacher_window(config, layer_idx)
-        self.window, self.eps, self.depth = cfg.window, cfg.eps, cfg.depth
+        self.teacher_sliding_window = teacher_sliding_window
+        self.window, self.eps, self.depth = window, eps, depth
         # Shared with the teacher: same Parameter objects, same state-dict names.
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.qk_norm = arch.qk_norm
-        if arch.qk_norm:
+        self.qk_norm = qk_norm
+        if qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.rnn = LinearRNN(cfg, self.head_dim, self.num_heads, self.num_kv_heads)
-        if cfg.window:
-            self.log_mix = nn.Parameter(torch.zeros(self.num_heads))  # g_h = exp(log_mix)
-        self.stack = nn.ModuleList(StackSublayer(cfg, self.head_dim, self.num_heads) for _ in range(cfg.depth - 1))
+        self.rnn = LinearRNN(rnn, self.head_dim, num_heads, num_kv_heads)
+        if window:
+            self.log_mix = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32))  # g_h = exp(log_mix)
+        self.stack = nn.ModuleList(StackSublayer(rnn, self.head_dim, num_heads) for _ in range(depth - 1))
 
     def project(self, hidden_states, position_embeddings):
         """hidden [B,T,hidden] -> q [B,T,H,D], k [B,T,Hk,D] (normed, rotated), v [B,T,Hk,D]."""
@@ -144,7 +167,7 @@ class LinearAttention(nn.Module):
     def teacher_attention(self, q, k, v, valid=None):
         """The teacher's softmax attention: [B,T,H,D] x2 -> y [B,T,H,D]."""
         T = q.shape[1]
-        mask = teacher_mask(T, valid, self.teacher_window, q.device)
+        mask = teacher_mask(T, valid, self.teacher_sliding_window, q.device)
         y = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scaling, enable_gqa=True
         )  # (B, H, T, D)
@@ -153,25 +176,25 @@ class LinearAttention(nn.Module):
     def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
         """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
         states = layer_cache.states if layer_cache is not None and layer_cache.states else [None] * self.depth
-        window_cache = None
+        recent = None
         if not self.window:
             o, state = self.rnn.scan(q, k, v, valid, states[0], recurrent)  # (B, T, H, D+1)
             y = o[..., :-1] / (o[..., -1:] + self.eps)
         else:
-            y, state, window_cache = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent)
+            y, state, recent = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent)
         new_states = [state]
         for sub, sub_state in zip(self.stack, states[1:]):
             y, sub_state = sub(y, valid, sub_state, recurrent, self.eps)
             new_states.append(sub_state)
         if layer_cache is not None:
-            layer_cache.store(new_states, window_cache, q.shape[1])
+            layer_cache.store(new_states, recent, q.shape[1])
         return y
 
     def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent):
         B, T, H, D = q.shape
         w = self.window
-        if layer_cache is not None and layer_cache.window is not None:
-            wk, wv, wvalid = layer_cache.window
+        if layer_cache is not None and layer_cache.recent is not None:
+            wk, wv, wvalid = layer_cache.recent
         else:
             wk, wv = k.new_zeros(B, w, self.num_kv_heads, D), v.new_zeros(B, w, self.num_kv_heads, D)
             wvalid = torch.zeros(B, w, dtype=torch.bool, device=q.device)
@@ -185,8 +208,11 @@ class LinearAttention(nn.Module):
             lag = torch.exp(log_decay.float() * w).repeat_interleave(H // self.num_kv_heads)  # (H,)
             o_lin = o_lin * lag[None, None, :, None]
         num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling)
-        scale = torch.exp(self.log_mix.float())[None, None, :] * torch.exp(-m)  # (B, T, H)
-        y = (num + scale[..., None] * o_lin[..., :-1]) / (den + scale * o_lin[..., -1] + self.eps)[..., None]
+        log_mix = self.log_mix.float()[None, None, :]  # (1, 1, H)
+        lin_num, lin_den = o_lin[..., :-1], o_lin[..., -1]  # (B, T, H, D), (B, T, H)
+        shift = torch.maximum(m, log_mix + torch.log(lin_den.clamp(min=1e-30)))  # (B, T, H)
+        exact, linear = torch.exp(m - shift), torch.exp(log_mix - shift)  # (B, T, H) each, ≤ 1 and ≤ 1/lin_den
+        y = (exact[..., None] * num + linear[..., None] * lin_num) / (exact * den + linear * lin_den + self.eps)[..., None]
         return y, state, (k_all[:, -w:], v_all[:, -w:], valid_all[:, -w:])
 
     def forward(

@@ -4,48 +4,64 @@ Normalised causal linear attention (Katharopoulos et al., 2020):
 
     S_t = γ S_{t-1} + φ(k_t) v_tᵀ,   z_t = γ z_{t-1} + φ(k_t),   y_t = φ(q_t)ᵀS_t / (φ(q_t)ᵀz_t + ε)
 
-S and z are kept as one state ``[B, Hk, F, D+1]``: a ones column appended to v carries z.
+S and z are kept as one state ``[B, Hk, F, D+1]``: a ones column appended to v carries z. The
+feature map runs the scan (a polynomial map uses the fused polynomial op); the decay is γ = 1,
+a fixed per-head schedule, or learned.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-import distill_kernels as ops
+from .fp32 import KeepFloat32
+from .feature_maps import FeatureMap
 
-from .config import ConvertConfig
-from .feature_maps import build_feature_map
-from .feature_maps.builtin import PolynomialKernel
+
+@dataclass(frozen=True)
+class RNNSpec:
+    """What a sublayer is made of: a feature-map class (resolved and checked once, by the
+    caller) with its options, and the decay (``none | fixed | learned``)."""
+
+    feature_map: type[FeatureMap]
+    feature_map_kwargs: dict[str, Any] = field(default_factory=dict)
+    decay: str = "none"
 
 
 def fixed_log_decay(num_heads: int) -> torch.Tensor:
-    """Per-head γ spread geometrically from 1 − 1/32 to 1 − 1/512 (RetNet-like), as log γ [h]."""
-    gaps = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads))
+    """Per-head γ spread geometrically from 1 − 1/32 to 1 − 1/512 (RetNet-like), as log γ [h] fp32."""
+    gaps = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float32))
     return torch.log1p(-gaps)
 
 
-class LinearRNN(nn.Module):
-    """φ for queries (``num_heads``) and keys (``num_kv_heads``), and the decay of the state."""
+class LinearRNN(KeepFloat32):
+    """φ for queries (``num_heads``) and keys (``num_kv_heads``), and the decay of the state
+    (kept in float32 when the model is cast)."""
 
-    def __init__(self, cfg: ConvertConfig, head_dim: int, num_heads: int, num_kv_heads: int):
+    float32_tensors = ("fixed_log_decay", "decay_logit")
+
+    def __init__(self, spec: RNNSpec, head_dim: int, num_heads: int, num_kv_heads: int):
         super().__init__()
-        self.feature_map = build_feature_map(cfg.feature_map, cfg.feature_map_kwargs, head_dim, num_heads, num_kv_heads)
-        self.decay_mode = cfg.decay
-        if cfg.decay == "fixed":
+        self.feature_map = spec.feature_map(
+            head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **spec.feature_map_kwargs
+        )
+        self.decay_mode = spec.decay
+        if spec.decay == "fixed":
             self.register_buffer("fixed_log_decay", fixed_log_decay(num_kv_heads))
-        elif cfg.decay == "learned":
+        elif spec.decay == "learned":
             # γ = sigmoid(logit); starts at the fixed schedule.
             gamma = fixed_log_decay(num_kv_heads).exp()
             self.decay_logit = nn.Parameter(torch.log(gamma) - torch.log1p(-gamma))
 
     def log_decay(self) -> torch.Tensor | None:
-        """log γ per kv head [Hk], or None."""
+        """log γ per kv head [Hk] fp32, or None."""
         if self.decay_mode == "fixed":
             return self.fixed_log_decay
         if self.decay_mode == "learned":
-            return nn.functional.logsigmoid(self.decay_logit)
+            return nn.functional.logsigmoid(self.decay_logit.float())
         return None
 
     def scan(
@@ -62,9 +78,4 @@ class LinearRNN(nn.Module):
         v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)  # (B,T,Hk,D+1)
         if valid is not None:
             v1 = v1 * valid[:, :, None, None]  # a zero value row adds nothing to S or z
-        fm, log_decay = self.feature_map, self.log_decay()
-        if isinstance(fm, PolynomialKernel):  # features stay unexpanded until the scan
-            op = ops.recurrent_poly_attn if recurrent else ops.chunk_poly_attn
-            return op(fm.project_q(q), fm.project_k(k), v1, fm.coeffs, log_decay=log_decay, initial_state=state)
-        op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
-        return op(fm.phi_q(q), fm.phi_k(k), v1, log_decay=log_decay, initial_state=state)
+        return self.feature_map.scan(q, k, v1, log_decay=self.log_decay(), initial_state=state, recurrent=recurrent)

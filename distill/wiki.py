@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .assets import fetch
 
-HELDOUT_EVERY = 10
+HELDOUT_EVERY = 10  # every 10th document is held out, here and in distill convert's own files
 
 
 def wiki_texts(split: str = "train", path: str | Path | None = None) -> list[str]:

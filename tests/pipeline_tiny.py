@@ -68,6 +68,13 @@ def write_text(path: Path, count: int = 200, seed: int = 0) -> Path:
     return path
 
 
+def make_assets(root: Path) -> dict[str, str]:
+    """A tiny model folder and a calibration text file under ``root``, as the paths
+    ``distill convert`` takes: {"model": MODEL, "data": data=...}."""
+    root.mkdir(parents=True, exist_ok=True)
+    return {"model": str(save_tiny_model(root / "model")), "data": str(write_text(root / "text.txt"))}
+
+
 # Small enough for seconds per run: 8 calibration and 2 held-out windows of 32 tokens.
 TINY_OVERRIDES = [
     "seq_len=32",
@@ -97,3 +104,22 @@ class NoBar:
 
     def close(self):
         pass
+
+
+class MemoryStore:
+    """The RunStore interface, in memory."""
+
+    def __init__(self):
+        self.entries = {}
+
+    def has(self, key):
+        return key in self.entries
+
+    def save(self, key, tensors, meta):
+        self.entries[key] = ({k: v.detach().clone() for k, v in (tensors or {}).items()}, meta)
+
+    def load(self, key):
+        return self.entries[key]
+
+    def meta(self, key):
+        return self.entries[key][1]

@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import CONFIGS, perturb_new_parameters, tiny_model
+from conftest import CONFIGS, VOCAB, perturb_new_parameters, tiny_model
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import distill
@@ -12,7 +12,7 @@ from distill.errors import DistillError
 from distill.feature_maps import FEATURE_MAPS
 from distill.layer import LinearAttention
 
-BUILTIN = ["elu", "relu", "t2r", "hedgehog", "taylor", "poly"]
+MAPS = sorted(FEATURE_MAPS)  # every registered map joins the grids below
 
 
 def student(arch="llama", perturb=True, **cfg):
@@ -31,7 +31,7 @@ def stepwise_logits(model, tokens, mask=None):
     return torch.cat(outs, 1)
 
 
-GRID = list(itertools.product(BUILTIN, [1, 2, 3], [0, 4], ["none", "fixed", "learned"]))
+GRID = list(itertools.product(MAPS, [1, 2, 3], [0, 4], ["none", "fixed", "learned"]))
 
 
 @pytest.mark.parametrize("fmap,depth,window,decay", GRID)
@@ -43,6 +43,62 @@ def test_parallel_equals_recurrent(fmap, depth, window, decay, tokens):
         forced = model(tokens, use_cache=False, distill_mode="recurrent").logits
     torch.testing.assert_close(recurrent, parallel, atol=1e-4, rtol=0)
     torch.testing.assert_close(forced, parallel, atol=1e-4, rtol=0)
+
+
+# Past the 64-token chunk of the scans and the 256-query block of the windowed softmax, so that
+# state carried across chunks and window keys carried across query blocks are both exercised.
+LONG_T = 300
+LONG_GRID = list(itertools.product(MAPS, [1, 2], [0, 64]))
+
+
+@pytest.fixture(scope="module")
+def long_tokens():
+    return torch.randint(3, VOCAB, (2, LONG_T), generator=torch.Generator().manual_seed(321))
+
+
+def long_student(fmap, depth, window):
+    teacher = tiny_model(max_position_embeddings=512)
+    model = convert_model(teacher, ConvertConfig(feature_map=fmap, depth=depth, window=window, decay="learned"))
+    perturb_new_parameters(model)
+    return model
+
+
+def test_long_grid_is_long_enough():
+    from distill.layer import QUERY_BLOCK
+
+    assert LONG_T > QUERY_BLOCK and LONG_T > 64
+
+
+@pytest.mark.parametrize("fmap,depth,window", LONG_GRID)
+def test_parallel_equals_recurrent_past_a_chunk_and_a_query_block(fmap, depth, window, long_tokens):
+    model = long_student(fmap, depth, window)
+    with torch.no_grad():
+        parallel = model(long_tokens, use_cache=False, distill_mode="parallel").logits
+        recurrent = stepwise_logits(model, long_tokens)
+    torch.testing.assert_close(recurrent, parallel, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fmap,depth,window", LONG_GRID)
+def test_prefill_decode_and_generate_past_a_chunk_and_a_query_block(fmap, depth, window, long_tokens):
+    """Prefill 270 tokens (five chunks, two query blocks), prefill 20 more, decode the last 10:
+    equals one pass. Then cached greedy generation from a 290-token prompt equals uncached."""
+    model = long_student(fmap, depth, window)
+    with torch.no_grad():
+        full = model(long_tokens, use_cache=False).logits
+        cache = model.new_cache()
+        pieces = [model(long_tokens[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 270), (270, 290))]
+        pieces += [model(long_tokens[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(290, LONG_T)]
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
+        assert cache.get_seq_length() == LONG_T
+
+        prompt = long_tokens[:1, :290]
+        cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+        assert cached.shape[1] > prompt.shape[1]
+        seq = prompt
+        for _ in range(cached.shape[1] - prompt.shape[1]):  # uncached reference (stops where EOS stopped it)
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(cached, seq)
 
 
 def test_chunked_prefill_then_decode_equals_parallel(tokens):
@@ -229,5 +285,5 @@ def test_convert_twice_is_refused():
 
 
 def test_registered_names_cover_builtins():
-    assert set(BUILTIN) <= set(FEATURE_MAPS)
+    assert {"elu", "relu", "t2r", "hedgehog", "taylor", "poly"} <= set(FEATURE_MAPS)
     assert distill.register_feature_map is not None

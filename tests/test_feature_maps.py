@@ -8,19 +8,77 @@ from distill.feature_maps import FEATURE_MAPS, FeatureMap, build_feature_map, re
 
 D, H, HK = 16, 4, 2
 
+# Built-ins whose features are >= 0: what each class must declare as ``nonnegative_features``.
+NONNEGATIVE_FEATURES = {"elu", "relu", "t2r", "hedgehog"}
 
+
+def promises(cls) -> tuple[bool, bool]:
+    """(kernel > 0, features >= 0), as the map class declares them."""
+    return cls.positive, cls.nonnegative_features
+
+
+def perturb_(fm, seed=0, scale=0.5) -> None:
+    """Move every parameter off its initial value, then back inside the map's constraints: a promise
+    must hold for any parameters training can reach, not just for the identity-like start."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in fm.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    fm.constrain_()
+
+
+def kernel_of(pq, pk):
+    """φ(q) [B,T,H,F], φ(k) [B,S,Hk,F] -> every φ(q_t)·φ(k_s) [B, Hk, G, T, S]."""
+    B, T = pq.shape[:2]
+    return torch.einsum("btigf,bsif->bigts", pq.view(B, T, HK, H // HK, -1), pk)
+
+
+@pytest.mark.parametrize("params", ["initial", "perturbed"])
 @pytest.mark.parametrize("name", sorted(FEATURE_MAPS))
-def test_every_registered_map(name):
+def test_every_registered_map(name, params):
+    """Shape, feature_dim, finiteness, and what the map promises: φ(q)·φ(k) > 0 where ``positive``,
+    φ >= 0 where its features are non-negative."""
     fm = build_feature_map(name, {}, D, H, HK)
+    if params == "perturbed":
+        perturb_(fm)
     torch.manual_seed(0)
     q, k = torch.randn(2, 7, H, D) * 2, torch.randn(2, 7, HK, D) * 2
-    pq, pk = fm.phi_q(q), fm.phi_k(k)
+    with torch.no_grad():
+        pq, pk = fm.phi_q(q), fm.phi_k(k)
     assert pq.shape == (2, 7, H, fm.feature_dim)
     assert pk.shape == (2, 7, HK, fm.feature_dim)
     assert torch.isfinite(pq).all() and torch.isfinite(pk).all()
-    kernel = torch.einsum("btigf,bsif->bigts", pq.view(2, 7, HK, H // HK, -1), pk)
-    if fm.positive:
-        assert (kernel > 0).all()
+    positive, nonnegative = promises(type(fm))
+    if positive:
+        assert (kernel_of(pq, pk) > 0).all()
+    if nonnegative:
+        assert (pq >= 0).all() and (pk >= 0).all()
+        assert (pq > 0).any() and (pk > 0).any()  # not vacuously: relu of everything negative is 0
+
+
+def test_promises_cover_the_known_maps():
+    """The table above and the classes agree on the built-ins (a map that changes its promise
+    must say so in its class, and the promise is then tested)."""
+    assert {name for name, cls in FEATURE_MAPS.items() if promises(cls)[1]} >= NONNEGATIVE_FEATURES & set(FEATURE_MAPS)
+    assert not FEATURE_MAPS["poly"].positive  # depends on the fitted coefficients: see the test below
+    assert all(isinstance(cls.positive, bool) for cls in FEATURE_MAPS.values())
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rank": 5}], ids=["identity", "rank5"])
+def test_poly_with_taylor_coefficients_is_positive(kwargs):
+    """poly promises nothing in general, but its default coefficients (1, 1, 1/2: Taylor) give
+    p(s) = 1 + s + s²/2 >= 1/2 for every s, whatever the projection."""
+    fm = build_feature_map("poly", {"degree": 2, **kwargs}, D, H, HK)
+    torch.testing.assert_close(fm.coeffs, torch.tensor([1.0, 1.0, 0.5]).repeat(H, 1))
+    if fm.proj is not None:
+        with torch.no_grad():
+            fm.proj.add_(torch.randn(fm.proj.shape, generator=torch.Generator().manual_seed(1)))
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 9, H, D) * 3, torch.randn(2, 9, HK, D) * 3
+    with torch.no_grad():
+        kernel = kernel_of(fm.phi_q(q), fm.phi_k(k))
+    assert (kernel > 0).all()
+    assert kernel.min() > 0.49
 
 
 def test_taylor_is_exact_second_order_exp():
@@ -33,17 +91,17 @@ def test_taylor_is_exact_second_order_exp():
 
 
 def test_poly_kernel_matches_its_coefficients_with_projection():
-    fm = build_feature_map("poly", {"degree": 3, "rank": 5}, D, H, HK).double()
+    fm = build_feature_map("poly", {"degree": 4, "rank": 5}, D, H, HK).double()
     with torch.no_grad():
-        fm.coeffs.copy_(torch.randn(H, 4))
+        fm.coeffs.copy_(torch.randn(H, 5))
         fm.proj.copy_(torch.randn(HK, D, 5))
     q, k = torch.randn(2, 3, H, D, dtype=torch.float64), torch.randn(2, 3, HK, D, dtype=torch.float64)
     qt, kt = fm.project_q(q), fm.project_k(k).repeat_interleave(H // HK, dim=2)
     s = (qt * kt).sum(-1)
-    want = sum(fm.coeffs[:, i] * s**i for i in range(4))
+    want = sum(fm.coeffs[:, i] * s**i for i in range(5))
     got = (fm.phi_q(q) * fm.phi_k(k).repeat_interleave(H // HK, dim=2)).sum(-1)
     torch.testing.assert_close(got, want)
-    assert fm.feature_dim == sum(math.comb(5 + i - 1, i) for i in range(4))
+    assert fm.feature_dim == sum(math.comb(5 + i - 1, i) for i in range(5))
 
 
 def test_poly_defaults_equal_taylor():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from distill.errors import DistillError
-from distill.pipeline.config import RunConfig, apply_override, dump_run_config, load_run_config
+from distill.pipeline.run_config import RunConfig, apply_override, dump_run_config, load_run_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Run configs of distill convert; configs/ also holds other tools' YAML (benchmarks, eval tasks).
@@ -97,7 +97,7 @@ def test_every_shipped_config_loads(path):
 
 
 def test_every_key_is_documented():
-    from distill.pipeline.config import describe_keys
+    from distill.pipeline.run_config import describe_keys
 
     rows = describe_keys()
     assert len(rows) > 30

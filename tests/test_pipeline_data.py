@@ -6,7 +6,7 @@ import torch
 from pipeline_tiny import sentences, tiny_tokenizer, write_text
 
 from distill.errors import DistillError
-from distill.pipeline.config import load_run_config
+from distill.pipeline.run_config import load_run_config
 from distill.pipeline.data import prepare_data
 
 SMALL = ["seq_len=32", "calib_tokens=128", "heldout_tokens=64"]

@@ -3,12 +3,14 @@ import math
 
 import pytest
 import torch
-from pipeline_tiny import NoBar, tiny_model
+from pipeline_tiny import MemoryStore, NoBar, tiny_model
 
 from distill import ConvertConfig, convert_model
-from distill.pipeline.config import FitConfig
+from distill.pipeline.run_config import FitConfig
 from distill.pipeline.fit import collect_qk, find_fitter, make_pairs, measure, positivity_constraints, run_fit, set_mix
-from distill.pipeline.weights import query_index, student_weights, teacher_scores
+from distill.pipeline.attention_weights import query_index, student_weights, teacher_scores
+from distill.pipeline.data import TokenData
+from distill.pipeline.train import StageContext
 
 
 def _layer(**cfg):
@@ -113,12 +115,19 @@ def test_hybrid_mix_is_fitted():
 def test_run_fit_reports_every_layer_and_head():
     model, _ = _layer(feature_map="poly", feature_map_kwargs={"degree": 2, "rank": 4})
     ids = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(0))
-    results = run_fit(model, ids, FitConfig(sequences=2, queries=16), NoBar)
-    assert [r["layer"] for r in results] == [0, 1]
+    store = MemoryStore()
+    results = run_fit(model, TokenData(train=ids, heldout=ids[:1]), FitConfig(sequences=2, queries=16), StageContext(0, store, NoBar))
+    assert [r.layer for r in results] == [0, 1]
     for r in results:
-        assert len(r["heads"]) == 4
-        assert r["attn_kl"] <= r["attn_kl_init"] + 1e-6
-        assert {"fit_error", "attn_kl", "fit_error_init", "attn_kl_init"} <= set(r)
+        assert len(r.heads) == 4
+        assert r.attn_kl <= r.attn_kl_init + 1e-6
+        assert all(math.isfinite(x) for x in (r.fit_error, r.attn_kl, r.fit_error_init, r.attn_kl_init))
+    # checkpointed by the stage itself: a second call restores the fitted parameters and results
+    fitted = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model.model.layers[0].self_attn.rnn.feature_map.coeffs.zero_()
+    assert run_fit(model, TokenData(train=ids, heldout=ids[:1]), FitConfig(), StageContext(0, store, NoBar)) == results
+    assert all(torch.equal(p, fitted[n]) for n, p in model.named_parameters())
 
 
 def test_collect_qk_matches_the_teacher_forward():
@@ -145,13 +154,11 @@ def test_query_index():
 
 
 def test_training_keeps_the_polynomial_positive():
-    from distill.pipeline.fit import apply_constraints
-
     _, layer = _layer(feature_map="poly", feature_map_kwargs={"degree": 2, "rank": 4})
     fm = layer.rnn.feature_map
     with torch.no_grad():
         fm.coeffs.copy_(torch.tensor([[0.1, 1.0, 0.1], [-1.0, 0.0, 0.5], [1.0, 2.0, -0.3], [0.2, 0.0, 1.0]]))
-    apply_constraints(fm)
+    fm.constrain_()
     x = torch.linspace(-100, 100, 20001)
     for c in fm.coeffs:
         assert bool((c[0] + c[1] * x + c[2] * x * x > 0).all())

@@ -1,6 +1,7 @@
 """``distill convert`` end to end on a tiny model: outputs, resume, corrupt checkpoints, CLI errors."""
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -12,12 +13,12 @@ from safetensors.torch import load_file
 
 from distill import load_converted
 from distill.cli import main
-from distill.errors import DistillError
+from distill.errors import DistillError, RunFailed
 from distill.pipeline import finetune as finetune_mod
 from distill.pipeline import transfer as transfer_mod
-from distill.pipeline.config import load_run_config
-from distill.pipeline.evaluate import perplexity
-from distill.pipeline.run import convert
+from distill.pipeline.run_config import load_run_config
+from distill.pipeline.perplexity import perplexity
+from distill.pipeline.run import run_convert
 
 FULL = TINY_OVERRIDES + [
     "model.feature_map=hedgehog",
@@ -46,7 +47,7 @@ def _cfg(assets, *extra):
 def reference(assets, tmp_path_factory):
     """One uninterrupted run that other tests compare against."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    report = convert(assets["model"], out, _cfg(assets))
+    report = run_convert(assets["model"], out, _cfg(assets))
     return out, report
 
 
@@ -104,7 +105,7 @@ def test_resume_after_interrupts_equals_uninterrupted(assets, reference, tmp_pat
 
     monkeypatch.setattr(transfer_mod, "train_layer", stop_at_layer_1)
     with pytest.raises(KeyboardInterrupt):
-        convert(assets["model"], out, cfg)
+        run_convert(assets["model"], out, cfg)
     monkeypatch.setattr(transfer_mod, "train_layer", real_train)
     calls = {"n": 0}
 
@@ -116,11 +117,11 @@ def test_resume_after_interrupts_equals_uninterrupted(assets, reference, tmp_pat
 
     monkeypatch.setattr(finetune_mod, "distill_loss", stop_at_step_2)
     with pytest.raises(KeyboardInterrupt):
-        convert(assets["model"], out, cfg, resume=True)
+        run_convert(assets["model"], out, cfg, resume=True)
     manifest = json.loads((out / "state" / "manifest.json").read_text())
     assert manifest["entries"]["finetune"]["meta"]["step"] == 2
     monkeypatch.setattr(finetune_mod, "distill_loss", real_loss)
-    report = convert(assets["model"], out, cfg, resume=True)
+    report = run_convert(assets["model"], out, cfg, resume=True)
     _same_model(out, reference[0])
     assert report["student_ppl"] == reference[1]["student_ppl"]
 
@@ -135,7 +136,7 @@ def test_corrupt_checkpoint_restarts_from_the_last_good_step(assets, reference, 
     data[-5] ^= 0xFF  # same size, different bytes
     layer1.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        report = convert(assets["model"], out, _cfg(assets), resume=True)
+        report = run_convert(assets["model"], out, _cfg(assets), resume=True)
     assert "transfer/layer_001 is corrupt or partial" in caplog.text
     assert "sha256" in caplog.text
     _same_model(out, reference[0])
@@ -145,7 +146,7 @@ def test_corrupt_checkpoint_restarts_from_the_last_good_step(assets, reference, 
     fit.write_bytes(fit.read_bytes()[:100])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        convert(assets["model"], out, _cfg(assets), resume=True)
+        run_convert(assets["model"], out, _cfg(assets), resume=True)
     assert "checkpoint fit is corrupt or partial" in caplog.text and "bytes" in caplog.text
     _same_model(out, reference[0])
 
@@ -155,18 +156,18 @@ def test_run_folder_rules(assets, reference, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(DistillError, match="not written by distill convert"):
-        convert(assets["model"], out, _cfg(assets), overwrite=True)
+        run_convert(assets["model"], out, _cfg(assets), overwrite=True)
     assert (out / "notes.txt").exists()
     ref = reference[0]
     with pytest.raises(DistillError, match="--resume .* or --overwrite"):
-        convert(assets["model"], ref, _cfg(assets))
+        run_convert(assets["model"], ref, _cfg(assets))
     with pytest.raises(DistillError, match="different settings .*transfer.steps"):
-        convert(assets["model"], ref, _cfg(assets, "transfer.steps=7"), resume=True)
+        run_convert(assets["model"], ref, _cfg(assets, "transfer.steps=7"), resume=True)
     with pytest.raises(DistillError, match="exclude each other"):
-        convert(assets["model"], ref, _cfg(assets), resume=True, overwrite=True)
+        run_convert(assets["model"], ref, _cfg(assets), resume=True, overwrite=True)
     # A bad MODEL leaves --out untouched (not even created).
     with pytest.raises(DistillError):
-        convert(str(tmp_path / "no-model"), tmp_path / "fresh", _cfg(assets))
+        run_convert(str(tmp_path / "no-model"), tmp_path / "fresh", _cfg(assets))
     assert not (tmp_path / "fresh").exists()
 
 
@@ -180,7 +181,7 @@ def test_nan_is_reported_in_the_report(assets, tmp_path, monkeypatch):
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(transfer_mod, "student_output", poisoned)
-    report = convert(assets["model"], tmp_path / "run", _cfg(assets, "finetune.enabled=false"))
+    report = run_convert(assets["model"], tmp_path / "run", _cfg(assets, "finetune.enabled=false"))
     assert len(report["events"]) == 1 and report["events"][0]["hint"] == "lower transfer.lr"
     assert "lower transfer.lr" in (tmp_path / "run" / "report.md").read_text()
     assert torch.isfinite(torch.tensor(report["student_ppl"]))
@@ -261,7 +262,7 @@ def _converted(path):
         (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), *TINY_OVERRIDES, f"data={a['data']}", "calib_tokens=100000"], "fewer than calib_tokens"),
         (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "model.keep_softmax_layers=[5]"], "keep_softmax_layers has index 5"),
         (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "model.feature_map=nope"], "unknown feature map 'nope'"),
-        (lambda a, t: ["convert", str(_converted(t / "conv")), "--out", str(t / "o")], "already a converted model"),
+        (lambda a, t: ["convert", str(_converted(t / "conv")), "--out", str(t / "o")], "already converted"),
         (lambda a, t: ["generate", str(t / "missing"), "--prompt", "x"], "not a model folder"),
         (lambda a, t: ["generate", a["model"], "--prompt", "x"], "not a converted one"),
     ],
@@ -312,3 +313,61 @@ def test_cli_unreachable_hub_id_offline(tmp_path):
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("distill: error: cannot load no-such-org/no-such-model") and "hub" in last
+
+
+def test_every_layer_kept_as_softmax_converts_to_the_teacher(assets, tmp_path):
+    report = run_convert(assets["model"], tmp_path / "run", _cfg(assets, "model.keep_softmax_layers=[0, 1]", "finetune.enabled=false"))
+    assert report["layers"] == [] and report["student_ppl"] == pytest.approx(report["teacher_ppl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("override", ["transfer.lr=1e6", "finetune.lr=1e4"])
+def test_a_diverging_run_never_publishes_non_finite_weights(assets, tmp_path, override):
+    """A huge learning rate ends either with a finite model and perplexity, or with RunFailed and
+    no model written; never NaN weights reported as success."""
+    out = tmp_path / "run"
+    try:
+        report = run_convert(assets["model"], out, _cfg(assets, override))
+    except RunFailed as err:
+        assert not (out / "model.safetensors").exists() and "lower" in str(err)
+        return
+    assert math.isfinite(report["student_ppl"])
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(out).values())
+
+
+def test_a_backend_that_cannot_run_here_is_bad_input(monkeypatch):
+    from distill.pipeline.run import resolve_device
+
+    monkeypatch.setenv("DISTILL_BACKEND", "fla")
+    with pytest.raises(DistillError, match="DISTILL_BACKEND=fla needs CUDA"):
+        resolve_device("cpu")
+    monkeypatch.setenv("DISTILL_BACKEND", "nonsense")
+    with pytest.raises(DistillError, match="unknown"):
+        resolve_device("cpu")
+
+
+def test_a_non_finite_student_is_never_saved_and_exits_1(assets, tmp_path, capsys, monkeypatch):
+    """A stage that leaves a NaN behind (here injected after transfer) ends the run with one line
+    naming that stage and its fix, exit code 1, no model file, and its checkpoints intact."""
+    from distill.pipeline import run as run_mod
+
+    real = run_mod.run_transfer
+
+    def poisoned(model, *args, **kwargs):
+        results = real(model, *args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[1].self_attn.rnn.feature_map.proj_q.weight.fill_(float("nan"))
+        return results
+
+    monkeypatch.setattr(run_mod, "run_transfer", poisoned)
+    out = tmp_path / "run"
+    code, _, err = _cli(capsys, "convert", assets["model"], "--out", str(out), *FULL, f"data={assets['data']}", "finetune.enabled=false")
+    lines = [line for line in err.splitlines() if line.startswith("distill:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert "after the transfer stage" in lines[0] and "lower transfer.lr" in lines[0]
+    assert not (out / "model.safetensors").exists()
+    manifest = json.loads((out / "state" / "manifest.json").read_text())
+    assert "transfer/layer_001" in manifest["entries"] and "student_eval" not in manifest["entries"]
+    monkeypatch.setattr(run_mod, "run_transfer", real)  # the cause gone, the run resumes from its checkpoints
+    code, _, err = _cli(capsys, "convert", assets["model"], "--out", str(out), *FULL, f"data={assets['data']}", "finetune.enabled=false", "--resume")
+    assert code == 0, err
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(out).values())

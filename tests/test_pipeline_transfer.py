@@ -3,33 +3,16 @@ import math
 
 import pytest
 import torch
-from pipeline_tiny import NoBar, tiny_model
+from pipeline_tiny import MemoryStore, NoBar, tiny_model
 
 from distill import ConvertConfig, convert_model
 from distill.pipeline import transfer as transfer_mod
-from distill.pipeline.config import FinetuneConfig, TransferConfig
+from distill.pipeline.run_config import FinetuneConfig, TransferConfig
 from distill.pipeline.finetune import run_finetune
 from distill.pipeline.params import converted_layers, new_parameters
+from distill.pipeline.data import TokenData
+from distill.pipeline.train import MAX_ROLLBACKS, StageContext
 from distill.pipeline.transfer import run_transfer
-
-
-class MemoryStore:
-    """The RunStore interface, in memory."""
-
-    def __init__(self):
-        self.entries = {}
-
-    def has(self, key):
-        return key in self.entries
-
-    def save(self, key, tensors, meta):
-        self.entries[key] = ({k: v.detach().clone() for k, v in (tensors or {}).items()}, meta)
-
-    def load(self, key):
-        return self.entries[key]
-
-    def meta(self, key):
-        return self.entries[key][1]
 
 
 def _student(**cfg):
@@ -42,6 +25,11 @@ def _student(**cfg):
 
 
 IDS = torch.randint(2, 40, (6, 32), generator=torch.Generator().manual_seed(0))
+DATA = TokenData(train=IDS[:4], heldout=IDS[4:])
+
+
+def _ctx(store=None):
+    return StageContext(seed=0, store=store if store is not None else MemoryStore(), progress=NoBar)
 
 
 @pytest.mark.parametrize(
@@ -55,31 +43,31 @@ IDS = torch.randint(2, 40, (6, 32), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("inputs", ["teacher", "student"])
 def test_transfer_lowers_the_mse(cfg, inputs):
     model = _student(**cfg)
-    results = run_transfer(model, IDS[:4], IDS[4:], TransferConfig(steps=25, lr=0.02, inputs=inputs), 0, MemoryStore(), NoBar)
-    assert [r["layer"] for r in results] == [0, 1]
+    results = run_transfer(model, DATA, TransferConfig(steps=25, lr=0.02, inputs=inputs), _ctx())
+    assert [r.layer for r in results] == [0, 1]
     for r in results:
-        assert r["transfer_mse_after"] < r["transfer_mse_before"]
-        assert r["events"] == [] and len(r["curve"]) == 25
+        assert r.transfer_mse_after < r.transfer_mse_before
+        assert r.events == [] and len(r.curve) == 25
 
 
 def test_stacked_sublayers_train():
     model = _student(feature_map="hedgehog", depth=2)
-    results = run_transfer(model, IDS[:4], IDS[4:], TransferConfig(steps=20, lr=0.005), 0, MemoryStore(), NoBar)
-    assert all(sum(r["curve"][-5:]) < sum(r["curve"][:5]) for r in results)
+    results = run_transfer(model, DATA, TransferConfig(steps=20, lr=0.005), _ctx())
+    assert all(sum(r.curve[-5:]) < sum(r.curve[:5]) for r in results)
     assert any(float(p.abs().sum()) > 0 for p in (layer.self_attn.stack[0].w_o for layer in model.model.layers))
 
 
 def test_transfer_with_attention_cross_entropy():
     model = _student(feature_map="hedgehog")
     cfg = TransferConfig(steps=10, lr=0.02, xent_weight=0.5, xent_queries=8)
-    results = run_transfer(model, IDS[:4], IDS[4:], cfg, 0, MemoryStore(), NoBar)
-    assert all(r["transfer_mse_after"] < r["transfer_mse_before"] for r in results)
+    results = run_transfer(model, DATA, cfg, _ctx())
+    assert all(r.transfer_mse_after < r.transfer_mse_before for r in results)
 
 
 def test_teacher_weights_stay_frozen():
     model = _student(feature_map="hedgehog", window=4)
     before = {n: p.clone() for n, p in model.named_parameters() if "proj_" not in n and "log_mix" not in n}
-    run_transfer(model, IDS[:4], IDS[4:], TransferConfig(steps=5), 0, MemoryStore(), NoBar)
+    run_transfer(model, DATA, TransferConfig(steps=5), _ctx())
     for n, p in model.named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), n
@@ -97,21 +85,21 @@ def test_nan_loss_rolls_back_and_is_reported(monkeypatch):
 
     snapshot = {}
 
-    def spy(attn, q, k, v, target, cfg, seed, bar=None):
-        result = real_train(attn, q, k, v, target, cfg, seed, bar)
+    def spy(attn, q, k, v, target, cfg, seed, check, bar=None):
+        result = real_train(attn, q, k, v, target, cfg, seed, check, bar)
         snapshot[attn.layer_idx] = {n: p.detach().clone() for n, p in new_parameters(attn).items()}
         return result
 
     real_train = transfer_mod.train_layer
     monkeypatch.setattr(transfer_mod, "student_output", poisoned)
     monkeypatch.setattr(transfer_mod, "train_layer", spy)
-    results = run_transfer(model, IDS[:4], IDS[4:], TransferConfig(steps=8, lr=0.02), 0, MemoryStore(), NoBar)
-    events = results[0]["events"]
+    results = run_transfer(model, DATA, TransferConfig(steps=8, lr=0.02), _ctx())
+    events = results[0].events
     assert len(events) == 1 and events[0]["step"] == 2 and "lower transfer.lr" in events[0]["hint"]
-    assert results[1]["events"] == []  # does not spread to the next layer
+    assert results[1].events == []  # does not spread to the next layer
     for params in snapshot.values():
         assert all(torch.isfinite(p).all() for p in params.values())
-    assert math.isfinite(results[0]["transfer_mse_after"]) and results[0]["transfer_mse_after"] < results[0]["transfer_mse_before"]
+    assert math.isfinite(results[0].transfer_mse_after) and results[0].transfer_mse_after < results[0].transfer_mse_before
 
 
 def test_repeated_nan_stops_the_layer_at_its_last_good_state(monkeypatch):
@@ -121,8 +109,8 @@ def test_repeated_nan_stops_the_layer_at_its_last_good_state(monkeypatch):
         transfer_mod, "student_output", lambda attn, q, k, v: real(attn, q, k, v) * (float("inf") if attn.layer_idx == 1 else 1.0)
     )
     start = {n: p.detach().clone() for n, p in new_parameters(model.model.layers[1].self_attn).items()}
-    results = run_transfer(model, IDS[:4], IDS[4:], TransferConfig(steps=8), 0, MemoryStore(), NoBar)
-    assert len(results[1]["events"]) == transfer_mod.MAX_ROLLBACKS
+    results = run_transfer(model, DATA, TransferConfig(steps=8), _ctx())
+    assert len(results[1].events) == MAX_ROLLBACKS
     for n, p in new_parameters(model.model.layers[1].self_attn).items():
         assert torch.equal(p, start[n])
 
@@ -141,8 +129,9 @@ def test_finetune_lowers_the_kl_and_merges():
     before = _kl(teacher, model)
     cfg = FinetuneConfig(enabled=True, steps=12, batch_size=3, lr=1e-2, lora_rank=4, checkpoint_every=5)
     store = MemoryStore()
-    merged, metrics = run_finetune(model, IDS, cfg, 0, store, NoBar)
-    assert metrics["steps"] == 12 and len(metrics["curve"]) == 12
+    metrics = run_finetune(model, TokenData(train=IDS, heldout=IDS[:2]), cfg, _ctx(store))
+    merged = model
+    assert metrics.steps == 12 and len(metrics.curve) == 12
     assert _kl(teacher, merged) < 0.8 * before
     assert store.meta("finetune")["step"] == 12
     assert type(merged).__name__ == "DistillLlamaForCausalLM"
@@ -161,7 +150,8 @@ def test_finetune_nan_rolls_back_and_is_reported(monkeypatch):
 
     monkeypatch.setattr(finetune_mod, "distill_loss", poisoned)
     cfg = FinetuneConfig(enabled=True, steps=6, batch_size=2, lr=1e-2, lora_rank=4, checkpoint_every=100)
-    merged, metrics = run_finetune(model, IDS, cfg, 0, MemoryStore(), NoBar)
-    assert [e["step"] for e in metrics["events"]] == [2] and "lower finetune.lr" in metrics["events"][0]["hint"]
-    assert metrics["steps"] == 6 and len(metrics["curve"]) == 6 and all(math.isfinite(v) for v in metrics["curve"])
+    metrics = run_finetune(model, TokenData(train=IDS, heldout=IDS[:2]), cfg, _ctx())
+    merged = model
+    assert [e["step"] for e in metrics.events] == [2] and "lower finetune.lr" in metrics.events[0]["hint"]
+    assert metrics.steps == 6 and len(metrics.curve) == 6 and all(math.isfinite(v) for v in metrics.curve)
     assert all(torch.isfinite(p).all() for p in merged.parameters())

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+import distill_kernels as ops
+
 from ..errors import DistillError
 
 FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
@@ -21,10 +23,15 @@ class FeatureMap(nn.Module):
     """Base class. Subclasses set ``self.feature_dim`` and implement :meth:`phi_q` / :meth:`phi_k`.
 
     phi_q: [B, T, H, D] -> [B, T, H, F];  phi_k: [B, T, Hk, D] -> [B, T, Hk, F].
-    ``positive`` promises φ(q)·φ(k) > 0 for all inputs (a safe normaliser).
+    ``positive`` promises φ(q)·φ(k) > 0 for all inputs (a safe normaliser);
+    ``nonnegative_features`` promises every feature is ≥ 0. A map owns what is
+    particular to it: :meth:`scan` (which linear-attention op runs it) and :meth:`constrain_`
+    (what training must keep true after each optimizer step). ``name`` is the registered name.
     """
 
     positive: ClassVar[bool] = True
+    nonnegative_features: ClassVar[bool] = False
+    name: ClassVar[str | None] = None
     feature_dim: int
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
@@ -41,6 +48,17 @@ class FeatureMap(nn.Module):
     def phi_k(self, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def scan(self, q, k, v, log_decay=None, initial_state=None, recurrent: bool = False):
+        """Causal linear attention with this map: q [B,T,H,D], k [B,T,Hk,D] (before φ), v [B,T,Hk,Dv],
+        log_decay [Hk] -> (o [B,T,H,Dv] fp32, state [B,Hk,F,Dv] fp32); ``recurrent`` steps token by
+        token (decoding), else the chunked form (training, prefill)."""
+        op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
+        return op(self.phi_q(q), self.phi_k(k), v, log_decay=log_decay, initial_state=initial_state)
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project the parameters back inside the map's constraints (after each optimizer step)."""
+
 
 def register_feature_map(name: str):
     """Class decorator: ``@register_feature_map("mine")`` makes ``feature_map="mine"`` work."""
@@ -51,6 +69,7 @@ def register_feature_map(name: str):
         if not (inspect.isclass(cls) and issubclass(cls, FeatureMap)):
             raise TypeError(f"{cls!r} must subclass distill.feature_maps.FeatureMap")
         FEATURE_MAPS[name] = cls
+        cls.name = name
         return cls
 
     return wrap
@@ -75,7 +94,9 @@ def resolve_feature_map(name: str) -> type[FeatureMap]:
     return FEATURE_MAPS[name]
 
 
-def build_feature_map(name: str, kwargs: dict[str, Any], head_dim: int, num_heads: int, num_kv_heads: int) -> FeatureMap:
+def check_feature_map(name: str, kwargs: dict[str, Any], head_dim: int) -> type[FeatureMap]:
+    """Resolve ``name`` and check that the map takes ``kwargs`` and can serve ``head_dim``; returns
+    the class. The one place a feature-map choice is validated (conversion calls it once)."""
     cls = resolve_feature_map(name)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head_dim", "num_heads", "num_kv_heads"}
     unknown = sorted(set(kwargs) - accepted)
@@ -84,4 +105,10 @@ def build_feature_map(name: str, kwargs: dict[str, Any], head_dim: int, num_head
             f"feature map {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}"
         )
     cls.check(head_dim, **kwargs)
+    return cls
+
+
+def build_feature_map(name: str, kwargs: dict[str, Any], head_dim: int, num_heads: int, num_kv_heads: int) -> FeatureMap:
+    """A checked feature map for one layer (tests and benchmarks; conversion checks once, then builds)."""
+    cls = check_feature_map(name, kwargs, head_dim)
     return cls(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **kwargs)

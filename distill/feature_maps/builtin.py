@@ -7,15 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distill_kernels as ops
 from distill_kernels import poly_feature_dim, poly_features
 
 from ..errors import DistillError
+from ..fp32 import KeepFloat32
 from .base import FeatureMap, register_feature_map
 
 
 @register_feature_map("elu")
 class EluFeatureMap(FeatureMap):
     """φ(x) = elu(x) + 1 (Katharopoulos et al., 2020, "Transformers are RNNs")."""
+
+    nonnegative_features = True
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int):
         super().__init__(head_dim, num_heads, num_kv_heads)
@@ -30,6 +34,8 @@ class EluFeatureMap(FeatureMap):
 @register_feature_map("relu")
 class ReluFeatureMap(FeatureMap):
     """φ(x) = relu(x). φ(q)·φ(k) can be 0; the normaliser's eps keeps it finite."""
+
+    nonnegative_features = True
 
     positive = False  # only non-negative
 
@@ -65,6 +71,8 @@ class T2RFeatureMap(FeatureMap):
     """φ(x) = relu(W x + b), learned per head (Kasai et al., 2021, "Finetuning Pretrained
     Transformers into RNNs"). F = ``feature_dim`` (default: head_dim)."""
 
+    nonnegative_features = True
+
     positive = False  # non-negative
 
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, feature_dim: int | None = None):
@@ -89,6 +97,8 @@ class HedgehogFeatureMap(FeatureMap):
     """φ(x) = [softmax(W x), softmax(−W x)], learned per head (Zhang et al., 2024, "The Hedgehog &
     the Porcupine"). F = 2 · ``feature_dim`` (default feature_dim: head_dim). Each half sums to 1."""
 
+    nonnegative_features = True
+
     def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, feature_dim: int | None = None):
         super().__init__(head_dim, num_heads, num_kv_heads)
         width = feature_dim or head_dim
@@ -111,19 +121,25 @@ class HedgehogFeatureMap(FeatureMap):
         return self._both_signs(self.proj_k(k))
 
 
-class PolynomialKernel(FeatureMap):
+class PolynomialKernel(KeepFloat32, FeatureMap):
     """Maps whose kernel is a polynomial of projected dot products,
 
         q̃ = Pᵀq / d^¼,  k̃ = Pᵀk / d^¼,   φ(q)·φ(k) = Σ_i c_{h,i} (q̃·k̃)^i,
 
     with the feature layout of :mod:`distill_kernels.poly` (coefficients on the query side).
-    The layer hands such maps to the polynomial scan, which on Triton never writes the expanded
-    features to memory. Subclasses set ``degree``, ``rank``, ``coeffs`` [H, p+1] and ``proj``
-    ([Hk, D, r], or None for the identity)."""
+    Such maps run the polynomial scan, which on Triton never writes the expanded features to
+    memory. Subclasses set ``degree``, ``rank``, ``coeffs`` [H, p+1] and ``proj`` ([Hk, D, r], or
+    None for the identity). ``coeffs`` stays float32 when the model is cast: bf16 would round a
+    positive polynomial's constant term below its bound."""
 
     degree: int
     rank: int
     proj: torch.Tensor | None
+    float32_tensors = ("coeffs",)
+
+    def scan(self, q, k, v, log_decay=None, initial_state=None, recurrent: bool = False):
+        op = ops.recurrent_poly_attn if recurrent else ops.chunk_poly_attn
+        return op(self.project_q(q), self.project_k(k), v, self.coeffs, log_decay=log_decay, initial_state=initial_state)
 
     def project_q(self, q):
         """q [B,T,H,D] -> q̃ [B,T,H,r] (each query head uses its kv head's projection)."""
@@ -155,16 +171,17 @@ class TaylorFeatureMap(PolynomialKernel):
         self.degree, self.rank, self.proj = 2, head_dim, None
         self.feature_dim = poly_feature_dim(head_dim, 2)
         self.scale = head_dim**-0.25
-        self.register_buffer("coeffs", torch.tensor([1.0, 1.0, 0.5]).repeat(num_heads, 1))  # (H, 3), fixed
+        self.register_buffer("coeffs", torch.tensor([1.0, 1.0, 0.5], dtype=torch.float32).repeat(num_heads, 1))  # (H, 3)
 
 
 @register_feature_map("poly")
 class PolyFeatureMap(PolynomialKernel):
     """Degree-p polynomial kernel with per-query-head coefficients c [H, p+1] and an optional
     learned projection P [Hk, D, r] shared by a kv head and its query heads (see
-    :class:`PolynomialKernel`). Any coefficient sign is allowed; a positive normaliser needs
-    p(s) > 0, which the fit stage enforces. Starts at c_i = 1/i! (the Taylor series of exp) and
-    P = the first r coordinates. F = Σ_i C(r+i−1, i).
+    :class:`PolynomialKernel`). The degree is even (2 or 4): an odd polynomial is negative
+    somewhere, and the normaliser must stay positive. The fit stage enforces p > 0 on the observed
+    scores; :meth:`constrain_` keeps p > 0 on all of ℝ after every training step. Starts at
+    c_i = 1/i! (the Taylor series of exp) and P = the first r coordinates. F = Σ_i C(r+i−1, i).
     """
 
     positive = False  # depends on the fitted coefficients
@@ -174,13 +191,39 @@ class PolyFeatureMap(PolynomialKernel):
         self.degree, self.rank = degree, rank or head_dim
         self.feature_dim = poly_feature_dim(self.rank, degree)
         self.scale = head_dim**-0.25
-        coeffs = torch.tensor([1 / math.factorial(i) for i in range(degree + 1)])
+        coeffs = torch.tensor([1 / math.factorial(i) for i in range(degree + 1)], dtype=torch.float32)
         self.coeffs = nn.Parameter(coeffs.repeat(num_heads, 1))  # (H, p+1)
         self.proj = nn.Parameter(torch.eye(head_dim, self.rank).repeat(num_kv_heads, 1, 1)) if rank else None  # (Hk, D, r)
 
     @classmethod
     def check(cls, head_dim, degree=2, rank=None):
-        if not isinstance(degree, int) or not 1 <= degree <= 4:
-            raise DistillError(f"poly degree must be an integer in 1..4, got {degree!r}")
+        if degree not in POLY_DEGREES or isinstance(degree, bool):
+            raise DistillError(
+                f"poly degree must be 2 or 4, got {degree!r}: an odd polynomial is negative somewhere, "
+                "which would make the normaliser cross zero"
+            )
         if rank is not None and (not isinstance(rank, int) or not 1 <= rank <= head_dim):
             raise DistillError(f"poly rank must be an integer in 1..head_dim={head_dim}, got {rank!r}")
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        """Project the coefficients back to a polynomial that is positive on all of ℝ.
+
+        Degree 2: c_2 ≥ ε and c_0 ≥ c_1²/(4 c_2) + ε. Degree 4, with a = c_3²/(4 c_4) + ε:
+        p = x²(c_4 x² + c_3 x + a) + ((c_2 − a) x² + c_1 x + c_0), both parts ≥ 0 once
+        c_4 ≥ ε, c_2 ≥ a + ε and c_0 ≥ c_1²/(4 (c_2 − a)) + ε (a sufficient condition). The slack ε
+        is relative to the largest coefficient and large enough to survive float32 rounding.
+        """
+        c = self.coeffs  # (H, p+1), float32
+        eps = POSITIVE_SLACK * c.abs().amax(dim=1).clamp(min=1e-6)  # (H,)
+        c[:, -1] = torch.maximum(c[:, -1], eps)
+        if self.degree == 4:
+            a = c[:, 3] ** 2 / (4 * c[:, 4]) + eps
+            c[:, 2] = torch.maximum(c[:, 2], a + eps)
+            c[:, 0] = torch.maximum(c[:, 0], c[:, 1] ** 2 / (4 * (c[:, 2] - a)) + eps)
+        else:
+            c[:, 0] = torch.maximum(c[:, 0], c[:, 1] ** 2 / (4 * c[:, 2]) + eps)
+
+
+POLY_DEGREES = (2, 4)
+POSITIVE_SLACK = 1e-3  # relative margin of the positivity projection (float32 resolves ~1e-7)

@@ -4,8 +4,8 @@ For a few queries ``idx`` [n] of a sequence, every key is scored. Layout: weight
 The student's weights are those of its first sublayer (the one that reads q, k, v):
 
     window = 0:  w_ts ∝ γ^{t−s} φ(q_t)·φ(k_s)                                   (s ≤ t)
-    window = w:  w_ts ∝ e^{s_ts − m_t}              for t−w < s ≤ t
-                 w_ts ∝ g_h γ^{t−s} e^{−m_t} φ(q_t)·φ(k_s)   for s ≤ t−w
+    window = w:  w_ts ∝ e^{s_ts − m_t}                      for t−w < s ≤ t
+                 w_ts ∝ e^{log g_h − m_t} γ^{t−s} φ(q_t)·φ(k_s)   for s ≤ t−w
 
 exactly as :class:`distill.layer.LinearAttention` computes them (see its module docstring).
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layer import LinearAttention
+from ..layer import NO_SCORE, LinearAttention
 
 
 def query_index(T: int, n: int, start: int = 0, device=None) -> torch.Tensor:
@@ -33,8 +33,8 @@ def teacher_scores(layer: LinearAttention, q: torch.Tensor, k: torch.Tensor, idx
     s = torch.einsum("bnhd,bshd->bhns", q[:, idx].float(), kh) * layer.scaling
     lag = _lags(idx, q.shape[1])
     visible = lag >= 0
-    if layer.teacher_window:
-        visible = visible & (lag < layer.teacher_window)
+    if layer.teacher_sliding_window:
+        visible = visible & (lag < layer.teacher_sliding_window)
     return s.masked_fill(~visible, float("-inf"))
 
 
@@ -71,10 +71,11 @@ def student_weights(layer: LinearAttention, q, k, idx, scores=None, kappa=None) 
     lag = _lags(idx, q.shape[1])
     in_window = (lag >= 0) & (lag < layer.window)
     s = scores.masked_fill(~in_window, float("-inf"))
-    m = s.amax(-1, keepdim=True).clamp(min=0)  # (B, H, n, 1), as the layer's shift
-    exact = torch.exp(s - m)
-    mix = torch.exp(layer.log_mix.float())[None, :, None, None]
-    num = exact + mix * torch.exp(-m) * kappa * (lag >= layer.window)
+    m = s.amax(-1, keepdim=True).clamp(min=NO_SCORE)  # (B, H, n, 1)
+    log_mix = layer.log_mix.float()[None, :, None, None]
+    linear = kappa * (lag >= layer.window)  # (B, H, n, T)
+    shift = torch.maximum(m, log_mix + torch.log(linear.sum(-1, keepdim=True).clamp(min=1e-30)))  # as the layer's
+    num = torch.exp(s - shift) + torch.exp(log_mix - shift) * linear
     return num / (num.sum(-1, keepdim=True) + layer.eps)
 
 

@@ -10,51 +10,23 @@ and every entry after it (which may depend on it) are dropped, and the run resta
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import DistillError
+from ..files import atomic_save_tensors, atomic_write_text, sha256
 
 log = logging.getLogger(__name__)
 
 STATE = "state"
 MANIFEST = "manifest.json"
 RUN_MARKERS = (STATE, "report.json")  # a folder holding one of these is a distill run
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 class RunStore:
@@ -153,9 +125,6 @@ class RunStore:
                 (self.state / record["file"]).unlink(missing_ok=True)
         self._write_manifest()
 
-    def drop_prefix(self, prefix: str) -> None:
-        self.drop([k for k in self.entries if k.startswith(prefix)])
-
 
 def is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
@@ -194,12 +163,15 @@ def open_run_dir(out: Path, header: dict[str, Any], resume: bool, overwrite: boo
         dropped = store.verify()
         log.info("resuming %s: %d finished steps kept, %d dropped", out, len(store.entries), len(dropped))
         return store
-    if action == "overwrite":
-        if resume:
-            log.warning("%s has no readable manifest; starting the run again", store.manifest_path)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    store.create(header)
+    try:
+        if action == "overwrite":
+            if resume:
+                log.warning("%s has no readable manifest; starting the run again", store.manifest_path)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        store.create(header)
+    except PermissionError as err:
+        raise DistillError(f"cannot write the run folder {out} ({err.strerror}); choose a folder you can write") from None
     return store
 
 

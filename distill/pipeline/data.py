@@ -20,13 +20,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..data import wiki_texts
+from ..wiki import HELDOUT_EVERY, wiki_texts
 from ..errors import DistillError
-from .config import RunConfig
+from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
-HELDOUT_EVERY = 10
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -53,7 +52,10 @@ def _split(docs: list[str], source: str) -> Documents:
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise DistillError(f"cannot read data file {path} ({err.strerror or err}); check the path and its permissions") from None
     if path.suffix == ".txt":
         return text.split("\n\n")  # paragraphs are documents
     docs = []

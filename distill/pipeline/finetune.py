@@ -10,27 +10,43 @@ stack sublayers train too. The teacher is the same model with the adapters disab
 averaged over tokens. Checkpoints every ``checkpoint_every`` steps hold the trainable tensors and
 the optimizer state; batches (and ``crop`` windows) are drawn from a generator seeded by
 (seed, step), so a resumed run matches an uninterrupted one. With ``eval_every`` the held-out
-perplexity is measured along the way: the report's perplexity-against-tokens curve. At the end the adapters are merged into the weights, so the result
-is a plain converted model that :func:`distill.load_converted` reads.
+perplexity is measured along the way: the report's perplexity-against-tokens curve. Steps are
+guarded (:class:`.train.GuardedSteps`). At the end the adapters are merged into the weights, so
+the result is a plain converted model that :func:`distill.load_converted` reads. The q/k/v/o
+projections are shared by the student and its ``teacher`` mode, so after the merge that mode runs
+the finetuned projections, not the original teacher's (the report says so).
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .config import FinetuneConfig
-from .evaluate import perplexity
-from .params import LastGood, converted_layers, new_parameters
-from .transfer import constrain, cosine_lr
-from .stream import decoder_layers
+from .layerwise import decoder_layers
+from .params import converted_layers, new_parameters
+from .perplexity import perplexity
+from .run_config import FinetuneConfig
+from .train import GuardedSteps, StageContext, constrain
 
 log = logging.getLogger(__name__)
 
 KEY = "finetune"
-MAX_ROLLBACKS = 3
+
+
+@dataclass
+class FinetuneResult:
+    """Steps and tokens trained, seconds (including runs before a resume), the loss curve,
+    rollback events and the held-out perplexity curve ({step, tokens, ppl})."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    curve: list[float] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    ppl_curve: list[dict] = field(default_factory=list)
 
 
 def add_lora(model, cfg: FinetuneConfig, seed: int):
@@ -98,87 +114,82 @@ def draw_batch(ids: torch.Tensor, cfg: FinetuneConfig, seed: int, step: int) -> 
     return batch
 
 
-def run_finetune(model, ids: torch.Tensor, cfg: FinetuneConfig, seed: int, store, progress, heldout=None, eval_batch: int = 1):
-    """Train, checkpoint, merge; returns (merged model, metrics). ``heldout`` [M, T] feeds
-    the ``eval_every`` perplexity curve."""
-    peft_model = add_lora(model, cfg, seed)
+def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch: int = 1) -> FinetuneResult:
+    """Train on ``data.train``, checkpoint, merge the adapters into ``model`` (in place); the
+    ``eval_every`` perplexity curve is measured on ``data.heldout`` in batches of ``eval_batch``."""
+    ids, heldout = data.train.to(ctx.device), data.heldout.to(ctx.device)
+    peft_model = add_lora(model, cfg, ctx.seed)
     params = trainable(peft_model)
     names = list(params)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     start, curve, events, seconds, ppl_curve = 0, [], [], 0.0, []
-    if store.has(KEY):
-        tensors, meta = store.load(KEY)
+    if ctx.store.has(KEY):
+        tensors, meta = ctx.store.load(KEY)
         with torch.no_grad():
             for n in names:
                 params[n].copy_(tensors[f"param.{n}"])
-        load_optimizer_tensors(optimizer, tensors)
         start, curve, events, seconds = meta["step"], meta["curve"], meta["events"], meta["seconds"]
         ppl_curve = meta["ppl_curve"]
         log.info("finetune: resuming at step %d/%d", start, cfg.steps)
-    device = next(model.parameters()).device
-    lr = cfg.lr * 0.5 ** len(events)
-    last_good = LastGood(params)
     attns = [decoder_layers(model)[i].self_attn for i in converted_layers(model)]
+    steps = GuardedSteps(
+        params,
+        lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0),
+        cfg.lr,
+        cfg.steps,
+        where="finetune",
+        hint="lower finetune.lr",
+        after_step=lambda: constrain(attns),
+        events=events,
+        event_fields={"stage": "finetune"},
+    )
+    if ctx.store.has(KEY):
+        load_optimizer_tensors(steps.optimizer, tensors)
 
-    def constrain_all() -> None:
-        for attn in attns:
-            constrain(attn)
-
-    bar = progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
-    began = time.time()
-    peft_model.train()
-    step = start
-    while step < cfg.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, step, cfg.steps)
-        x = draw_batch(ids, cfg, seed, step).to(device)
+    def loss_at(step: int) -> torch.Tensor:
+        x = draw_batch(ids, cfg, ctx.seed, step).to(ctx.device)
         with torch.no_grad(), peft_model.disable_adapter():
             teacher = peft_model(input_ids=x, distill_mode="teacher", use_cache=False).logits
         student = peft_model(input_ids=x, distill_mode="parallel", use_cache=False).logits
-        loss = distill_loss(student, teacher, x, cfg)
-        value, kept = last_good.step(loss, optimizer, constrain_all)
-        if not kept:
-            lr /= 2
-            optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-            events.append(
-                {
-                    "stage": "finetune",
-                    "step": step,
-                    "loss": value,
-                    "message": f"non-finite loss or parameters at step {step}; rolled back and halved the learning rate to {lr:.3g}",
-                    "hint": "lower finetune.lr",
-                }
-            )
-            log.warning("finetune: %s (hint: lower finetune.lr)", events[-1]["message"])
-            if len(events) >= MAX_ROLLBACKS:
-                log.warning("finetune: stopping after %d rollbacks", MAX_ROLLBACKS)
-                break
-            continue
-        curve.append(value)
-        step += 1
-        bar.set_postfix(loss=f"{value:.4f}")
-        bar.update(1)
-        if heldout is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            peft_model.eval()
-            ppl = perplexity(peft_model, heldout, "parallel", eval_batch)
-            peft_model.train()
-            ppl_curve.append({"step": step, "tokens": step * x.numel(), "ppl": ppl})
-            log.info("finetune step %d: held-out perplexity %.3f", step, ppl)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            tensors = {f"param.{n}": p for n, p in params.items()} | optimizer_tensors(optimizer)
-            meta = {"step": step, "curve": curve, "events": events, "ppl_curve": ppl_curve, "seconds": seconds + time.time() - began}
-            store.save(KEY, tensors, meta)
-    bar.close()
+        return distill_loss(student, teacher, x, cfg)
+
+    bar = ctx.progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
+    began = time.time()
+    peft_model.train()
+    step = start
+    try:
+        while step < cfg.steps:
+            value = steps.step(loss_at(step), step)
+            if value is None:
+                if steps.exhausted:
+                    break
+                continue
+            curve.append(value)
+            step += 1
+            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update(1)
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                peft_model.eval()
+                ppl = perplexity(peft_model, heldout, "parallel", eval_batch)
+                peft_model.train()
+                ppl_curve.append({"step": step, "tokens": step * min(cfg.batch_size, len(ids)) * (cfg.crop or ids.shape[1]), "ppl": ppl})
+                log.info("finetune step %d: held-out perplexity %.3f", step, ppl)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                tensors = {f"param.{n}": p for n, p in params.items()} | optimizer_tensors(steps.optimizer)
+                meta = {"step": step, "curve": curve, "events": steps.events, "ppl_curve": ppl_curve, "seconds": seconds + time.time() - began}
+                ctx.store.save(KEY, tensors, meta)
+    finally:
+        bar.close()
     peft_model.eval()
+    with torch.no_grad():
+        steps.finish(lambda: float(loss_at(cfg.steps)))
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(False)
-    metrics = {
-        "steps": step,
-        "tokens": step * min(cfg.batch_size, len(ids)) * (cfg.crop or ids.shape[1]),
-        "seconds": seconds + time.time() - began,
-        "curve": curve,
-        "events": events,
-        "ppl_curve": ppl_curve,
-    }
-    return merged, metrics
+    return FinetuneResult(
+        steps=step,
+        tokens=step * min(cfg.batch_size, len(ids)) * (cfg.crop or ids.shape[1]),
+        seconds=seconds + time.time() - began,
+        curve=curve,
+        events=steps.events,
+        ppl_curve=ppl_curve,
+    )

@@ -13,7 +13,8 @@ relative RMS sqrt(Σ ω (λ e^{−ℓ} κ − a)² / Σ ω a²) with the best pe
 KL(teacher softmax ‖ student weights) per query. With a window (LoLCATs-style hybrid) the
 best λ_h is exactly the mixing factor g_h, so log_mix starts at log λ_h.
 
-Fitters, by feature-map class:
+Fitters, by registered feature-map name (a map registered under another name, or loaded as
+``module:Class``, keeps its own init unless it subclasses one of these):
 - ``poly``: projection P from the q/k second moments (eigenvectors of Cq·Ck + Ck·Cq, the
   directions that carry most of q·k), scaled so that |x| ≤ 1 for x = q̃·k̃ (every coefficient
   is then O(1), which Adam needs later). Coefficients come from weighted least squares under
@@ -31,19 +32,20 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from ..feature_maps.builtin import HedgehogFeatureMap, PolyFeatureMap, T2RFeatureMap
 from ..layer import LinearAttention
-from .config import FitConfig
-from .params import converted_layers
-from .stream import attention_input, decoder_layers, embed, position_embeddings, run_layer
-from .weights import attention_kl, linear_keys, query_index, student_kernel, student_weights, teacher_scores
+from .attention_weights import attention_kl, linear_keys, query_index, student_kernel, student_weights, teacher_scores
+from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
+from .params import converted_layers, load_state, model_state
+from .run_config import FitConfig
+from .train import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +97,28 @@ def measure(layer: LinearAttention, pairs: Pairs) -> dict[str, torch.Tensor]:
     return {"fit_error": err.float(), "attn_kl": kl.float(), "scale": lam}
 
 
-# ---- fitters, by feature-map class ---------------------------------------------------------
+# ---- fitters, by feature-map name -----------------------------------------------------------
 
 Fitter = Callable[[LinearAttention, Pairs, FitConfig], None]
-FITTERS: dict[type, Fitter] = {}
+FITTERS: dict[str, Fitter] = {}
 
 
-def register_fitter(map_cls: type):
+def register_fitter(*names: str):
+    """Decorator: ``@register_fitter("poly")`` fits maps registered as ``poly``."""
+
     def wrap(fn: Fitter) -> Fitter:
-        if map_cls in FITTERS:
-            raise ValueError(f"a fitter for {map_cls.__name__} is already registered")
-        FITTERS[map_cls] = fn
+        for name in names:
+            if name in FITTERS:
+                raise ValueError(f"a fitter for feature map {name!r} is already registered")
+            FITTERS[name] = fn
         return fn
 
     return wrap
 
 
 def find_fitter(feature_map) -> Fitter | None:
-    for cls in type(feature_map).__mro__:
-        if cls in FITTERS:
-            return FITTERS[cls]
-    return None
+    """The fitter of the map's registered name (inherited by subclasses), or None."""
+    return FITTERS.get(type(feature_map).name)
 
 
 def principal_directions(q: torch.Tensor, k: torch.Tensor, group: int, rank: int) -> torch.Tensor:
@@ -254,10 +257,10 @@ def refine_kl(starts: list[np.ndarray], objective, cons: list[dict], top: float,
     return best
 
 
-@register_fitter(PolyFeatureMap)
+@register_fitter("poly")
 @torch.no_grad()
 def fit_poly(layer: LinearAttention, pairs: Pairs, cfg: FitConfig) -> None:
-    fm: PolyFeatureMap = layer.rnn.feature_map
+    fm = layer.rnn.feature_map
     G = layer.num_heads // layer.num_kv_heads
     finite = torch.isfinite(pairs.scores)
 
@@ -302,37 +305,10 @@ def fit_poly(layer: LinearAttention, pairs: Pairs, cfg: FitConfig) -> None:
         fm.coeffs[h].copy_(torch.from_numpy(coeffs).to(fm.coeffs.dtype))
 
 
-@torch.no_grad()
-def keep_poly_positive(fm: PolyFeatureMap) -> None:
-    """Project trained coefficients back to a positive polynomial (called after optimizer steps).
-
-    Degree 2: c_2 ≥ ε and c_0 ≥ c_1²/(4 c_2) + ε, i.e. p > 0 on all of ℝ. Other degrees: the
-    leading coefficient of an even degree and c_0 stay ≥ ε (necessary, not sufficient).
-    """
-    c = fm.coeffs  # (H, p+1)
-    eps = 1e-4 * c.abs().amax(dim=1).clamp(min=1e-8)  # (H,)
-    if fm.degree % 2 == 0:
-        c[:, -1] = torch.maximum(c[:, -1], eps)
-    if fm.degree == 2:
-        c[:, 0] = torch.maximum(c[:, 0], c[:, 1] ** 2 / (4 * c[:, 2]) + eps)
-    else:
-        c[:, 0] = torch.maximum(c[:, 0], eps)
-
-
-# Constraints that training must keep, by feature-map class (applied after each optimizer step).
-CONSTRAINTS: dict[type, Callable] = {PolyFeatureMap: keep_poly_positive}
-
-
-def apply_constraints(feature_map) -> None:
-    for cls in type(feature_map).__mro__:
-        if cls in CONSTRAINTS:
-            CONSTRAINTS[cls](feature_map)
-            return
-
-
 SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+@register_fitter("hedgehog", "t2r")
 @torch.no_grad()
 def fit_identity_scale(layer: LinearAttention, pairs: Pairs, cfg: FitConfig) -> None:
     """Scale the per-head projections (identity at start) by the factor with the lowest KL."""
@@ -358,10 +334,6 @@ def fit_identity_scale(layer: LinearAttention, pairs: Pairs, cfg: FitConfig) -> 
     fm.proj_k.bias.copy_(base_k[1] * alpha_k[:, None])
 
 
-register_fitter(HedgehogFeatureMap)(fit_identity_scale)
-register_fitter(T2RFeatureMap)(fit_identity_scale)
-
-
 @torch.no_grad()
 def set_mix(layer: LinearAttention, pairs: Pairs) -> None:
     """log_mix ← log λ_h, the scale that makes the linear part carry the teacher's mass."""
@@ -375,8 +347,10 @@ def set_mix(layer: LinearAttention, pairs: Pairs) -> None:
 @torch.no_grad()
 def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int):
     """Yield (layer index, q [B,T,H,D], k [B,T,Hk,D]) from the teacher, one layer at a time."""
-    hidden = embed(model, ids, batch)
     wanted = set(layers)
+    if not wanted:  # every layer kept as softmax: nothing to fit
+        return
+    hidden = embed(model, ids, batch)
     for i, decoder_layer in enumerate(decoder_layers(model)):
         if i > max(wanted):
             break
@@ -387,7 +361,20 @@ def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int):
         hidden = run_layer(model, i, hidden, "teacher", batch)
 
 
-def _summary(before: dict, after: dict, index: int) -> dict:
+@dataclass
+class FitLayer:
+    """Result of one layer: mean fit error and attention KL over its heads before (``_init``) and
+    after the fit, and the same per head under ``heads``."""
+
+    layer: int
+    fit_error: float
+    attn_kl: float
+    fit_error_init: float
+    attn_kl_init: float
+    heads: list[dict] = field(default_factory=list)
+
+
+def _summary(before: dict, after: dict, index: int) -> FitLayer:
     heads = [
         {
             "head": h,
@@ -398,37 +385,51 @@ def _summary(before: dict, after: dict, index: int) -> dict:
         }
         for h in range(len(after["fit_error"]))
     ]
-    return {
-        "layer": index,
-        "fit_error": float(after["fit_error"].mean()),
-        "attn_kl": float(after["attn_kl"].mean()),
-        "fit_error_init": float(before["fit_error"].mean()),
-        "attn_kl_init": float(before["attn_kl"].mean()),
-        "heads": heads,
-    }
+    return FitLayer(
+        layer=index,
+        fit_error=float(after["fit_error"].mean()),
+        attn_kl=float(after["attn_kl"].mean()),
+        fit_error_init=float(before["fit_error"].mean()),
+        attn_kl_init=float(before["attn_kl"].mean()),
+        heads=heads,
+    )
 
 
-def run_fit(model, ids: torch.Tensor, cfg: FitConfig, progress) -> list[dict]:
-    """Fit every converted layer on ``ids`` [N, T]; returns per-layer metrics (see module doc)."""
+KEY = "fit"
+
+
+def run_fit(model, data, cfg: FitConfig, ctx: StageContext) -> list[FitLayer]:
+    """Fit every converted layer on the first ``cfg.sequences`` of ``data.train`` [N, T];
+    checkpointed as one entry. Returns per-layer metrics (see the module docstring)."""
+    if ctx.store.has(KEY):
+        tensors, meta = ctx.store.load(KEY)
+        load_state(model, tensors)
+        return [FitLayer(**r) for r in meta["layers"]]
+    start = time.time()
+    ids = data.train[: cfg.sequences]
     layers = converted_layers(model)
-    ids = ids[: cfg.sequences]
     results = []
-    bar = progress(total=len(layers), desc="fit", unit="layer")
-    for i, q, k in collect_qk(model, ids, layers, batch=max(1, len(ids))):
-        layer = decoder_layers(model)[i].self_attn
-        pairs = make_pairs(layer, q, k, cfg)
-        before = measure(layer, pairs)
-        fitter = find_fitter(layer.rnn.feature_map)
-        if fitter is not None:
-            fitter(layer, pairs, cfg)
-        if layer.window:
-            set_mix(layer, pairs)
-        after = measure(layer, pairs)
-        results.append(_summary(before, after, i))
-        bar.set_postfix(kl=f"{results[-1]['attn_kl']:.3f}", err=f"{results[-1]['fit_error']:.3f}")
-        bar.update(1)
-        log.debug("fit layer %d: %s", i, {k: v for k, v in results[-1].items() if k != "heads"})
-    bar.close()
+    bar = ctx.progress(total=len(layers), desc="fit", unit="layer")
+    fitter = None
+    try:
+        for i, q, k in collect_qk(model, ids, layers, batch=max(1, len(ids))):
+            layer = decoder_layers(model)[i].self_attn
+            pairs = make_pairs(layer, q, k, cfg)
+            before = measure(layer, pairs)
+            fitter = find_fitter(layer.rnn.feature_map)
+            if fitter is not None:
+                fitter(layer, pairs, cfg)
+            if layer.window:
+                set_mix(layer, pairs)
+            after = measure(layer, pairs)
+            results.append(_summary(before, after, i))
+            bar.set_postfix(kl=f"{results[-1].attn_kl:.3f}", err=f"{results[-1].fit_error:.3f}")
+            bar.update(1)
+            log.debug("fit layer %d: fit error %.4f, attn KL %.4f", i, results[-1].fit_error, results[-1].attn_kl)
+    finally:
+        bar.close()
     if fitter is None and layers:
         log.info("no closed-form start for %s; its default init is kept", type(layer.rnn.feature_map).__name__)
+    meta = {"layers": [asdict(r) for r in results], "seconds": time.time() - start, "tokens": int(ids.numel())}
+    ctx.store.save(KEY, model_state(model), meta)
     return results

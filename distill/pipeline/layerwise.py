@@ -19,13 +19,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def position_embeddings(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE (cos, sin) for positions 0..T-1 of ``hidden`` [B, T, hidden]."""
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
-    return model.model.rotary_emb(hidden, position_ids=positions)
+    return get_architecture(model.config.model_type).rotary_emb(model)(hidden, position_ids=positions)
 
 
 @torch.no_grad()
 def embed(model: nn.Module, ids: torch.Tensor, batch: int) -> torch.Tensor:
     """ids [N, T] -> hidden states entering layer 0 [N, T, hidden], on the model's device."""
-    table = model.model.embed_tokens
+    table = get_architecture(model.config.model_type).embed_tokens(model)
     return torch.cat([table(ids[i : i + batch].to(table.weight.device)) for i in range(0, len(ids), batch)])
 
 

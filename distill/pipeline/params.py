@@ -6,14 +6,13 @@ only these, keyed by their names in the model's state dict.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from ..architectures import get_architecture
 from ..errors import DistillError
 from ..layer import LinearAttention
-from .stream import decoder_layers
+from .layerwise import decoder_layers
 
 SHARED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
@@ -28,14 +27,11 @@ def new_parameters(attn: LinearAttention) -> dict[str, nn.Parameter]:
     return {name: p for name, p in attn.named_parameters() if name.split(".")[0] not in SHARED}
 
 
-def layer_prefix(index: int) -> str:
-    return f"model.layers.{index}.self_attn."
-
-
 def layer_state(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """Detached copies of layer ``index``'s new parameters, keyed by full state-dict name."""
     attn = decoder_layers(model)[index].self_attn
-    return {layer_prefix(index) + n: p.detach().clone().contiguous() for n, p in new_parameters(attn).items()}
+    prefix = get_architecture(model.config.model_type).attention_prefix(index)
+    return {prefix + n: p.detach().clone().contiguous() for n, p in new_parameters(attn).items()}
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,10 +45,11 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], layers: list[int] | None = None) -> None:
     """Copy ``state`` into the new parameters of ``layers`` (default: all converted); strict."""
     layers = converted_layers(model) if layers is None else layers
+    arch = get_architecture(model.config.model_type)
     expected = {}
     for i in layers:
         attn = decoder_layers(model)[i].self_attn
-        expected.update({layer_prefix(i) + n: p for n, p in new_parameters(attn).items()})
+        expected.update({arch.attention_prefix(i) + n: p for n, p in new_parameters(attn).items()})
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise DistillError(
@@ -63,37 +60,3 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], layers: list[in
         if p.shape != state[name].shape:
             raise DistillError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
         p.copy_(state[name])
-
-
-def all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-class LastGood:
-    """The last parameters that were all finite, for rolling back a step that produced NaN/inf."""
-
-    def __init__(self, params: dict[str, torch.Tensor]):
-        self.params = params
-        self.good = {n: p.detach().clone() for n, p in params.items()}
-
-    def step(self, loss: torch.Tensor, optimizer, after_step) -> tuple[float, bool]:
-        """Backward, clip the gradient norm to 1, step (when the loss is finite) and call
-        ``after_step()`` (e.g. the positivity constraints); then :meth:`keep`. Returns
-        (loss value, whether the step was kept)."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
-        value = float(loss.detach())
-        if math.isfinite(value):
-            optimizer.step()
-            after_step()
-        return value, self.keep(value)
-
-    @torch.no_grad()
-    def keep(self, loss: float) -> bool:
-        """After a step: commit the parameters if ``loss`` and all of them are finite (True), else
-        restore the last good ones (False)."""
-        ok = math.isfinite(loss) and all_finite(self.params.values())
-        for name, p in self.params.items():
-            (self.good[name].copy_(p) if ok else p.copy_(self.good[name]))
-        return ok

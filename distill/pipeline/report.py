@@ -5,7 +5,9 @@ tokens_by_stage, seconds (per stage and total), layers (one entry per converted 
 layer, fit_error, attn_kl, fit_error_init, attn_kl_init, transfer_mse_before,
 transfer_mse_after — relative MSE, i.e. divided by the mean square of the teacher's output —
 the absolute MSEs, and per-head fit metrics under ``heads``), events (NaN rollbacks),
-finetune_ppl_curve (held-out perplexity against finetune tokens), model, config.
+finetune_ppl_curve (held-out perplexity against finetune tokens), teacher_mode (what the saved
+model's ``distill_mode="teacher"`` computes: after a LoRA finetune the merged q/k/v/o are no longer
+the teacher's), model, config.
 """
 from __future__ import annotations
 
@@ -14,25 +16,32 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from ..files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-LAYER_KEYS = ("fit_error", "attn_kl", "fit_error_init", "attn_kl_init")
-TRANSFER_KEYS = ("transfer_mse_before", "transfer_mse_after", "transfer_mse_before_abs", "transfer_mse_after_abs")
-
-
-def merge_layers(converted: list[int], fit: list[dict] | None, transfer: list[dict] | None) -> list[dict]:
-    """One row per converted layer; metrics of a skipped stage are None."""
-    by_fit = {r["layer"]: r for r in fit or []}
-    by_transfer = {r["layer"]: r for r in transfer or []}
+def merge_layers(converted: list[int], fit: list | None, transfer: list | None) -> list[dict]:
+    """One row per converted layer from the stages' typed results (:class:`.fit.FitLayer`,
+    :class:`.transfer.TransferLayer`); metrics of a skipped stage are None."""
+    by_fit = {r.layer: r for r in fit or []}
+    by_transfer = {r.layer: r for r in transfer or []}
     rows = []
     for i in converted:
-        row: dict[str, Any] = {"layer": i}
-        row.update({k: by_fit.get(i, {}).get(k) for k in LAYER_KEYS})
-        row.update({k: by_transfer.get(i, {}).get(k) for k in TRANSFER_KEYS})
-        row["heads"] = by_fit.get(i, {}).get("heads", [])
-        rows.append(row)
+        f, t = by_fit.get(i), by_transfer.get(i)
+        rows.append(
+            {
+                "layer": i,
+                "fit_error": f.fit_error if f else None,
+                "attn_kl": f.attn_kl if f else None,
+                "fit_error_init": f.fit_error_init if f else None,
+                "attn_kl_init": f.attn_kl_init if f else None,
+                "transfer_mse_before": t.transfer_mse_before if t else None,
+                "transfer_mse_after": t.transfer_mse_after if t else None,
+                "transfer_mse_before_abs": t.transfer_mse_before_abs if t else None,
+                "transfer_mse_after_abs": t.transfer_mse_after_abs if t else None,
+                "heads": f.heads if f else [],
+            }
+        )
     return rows
 
 
@@ -75,6 +84,8 @@ def markdown(report: dict) -> str:
             f"{_fmt(r['attn_kl_init'])} → {_fmt(r['attn_kl'])} | "
             f"{_fmt(r['transfer_mse_before'])} → {_fmt(r['transfer_mse_after'])} |"
         )
+    if report.get("teacher_mode"):
+        lines += ["", f"Teacher mode of the saved model: {report['teacher_mode']}"]
     if report.get("finetune_ppl_curve"):
         lines += ["", "## Held-out perplexity during finetune", "", "| step | tokens | perplexity |", "|---|---|---|"]
         lines += [f"| {p['step']} | {p['tokens']} | {p['ppl']:.3f} |" for p in report["finetune_ppl_curve"]]

@@ -4,12 +4,15 @@
     -> fit (stage 1) -> transfer (stage 2) -> finetune (stage 3, optional)
     -> student perplexity -> save the converted model -> report
 
-Every step that takes time records an entry in ``DIR/state`` (see :mod:`.checkpoint`); a
-resumed run skips the recorded steps, so the same seed ends at the same result.
+Every step that takes time records an entry in ``DIR/state`` (see :mod:`.checkpoint`); each
+stage checkpoints itself through its :class:`.train.StageContext`, and a resumed run skips the
+recorded steps, so the same seed ends at the same result. A student whose held-out perplexity
+is not finite is never saved: the run fails (exit 1) naming the last stage that trained it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -20,20 +23,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import PREFIX, get_architecture
-from ..convert import convert_model
-from ..errors import DistillError
-from ..feature_maps import build_feature_map
+import distill_kernels as ops
+
+from ..convert import check_convertible, convert_model
+from ..errors import DistillError, RunFailed
+from ..files import atomic_write_text, disk_full_is_user_error, sha256
 from ..models import load_model
-from .checkpoint import RunStore, atomic_write_text, check_run_dir, open_run_dir, sha256
-from .config import RunConfig, dump_run_config
+from .checkpoint import RunStore, check_run_dir, open_run_dir
 from .data import TokenData, prepare_data
-from .evaluate import perplexity
 from .finetune import run_finetune
 from .fit import run_fit
-from .params import converted_layers, load_state, model_state, new_parameters
+from .params import SHARED, converted_layers
+from .perplexity import perplexity
 from .report import merge_layers, write_report
-from .stream import decoder_layers
+from .run_config import RunConfig, dump_run_config
+from .train import StageContext, prepare_new_parameters
 from .transfer import run_transfer
 
 log = logging.getLogger(__name__)
@@ -48,20 +52,11 @@ def resolve_device(name: str) -> torch.device:
         raise DistillError(f"device {name!r} is not a torch device; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DistillError("device=cuda but no GPU is visible; use device=cpu")
+    try:  # DISTILL_BACKEND must be able to run here: say so now, not at the first forward
+        ops.resolve_backend(device)
+    except ValueError as err:
+        raise DistillError(str(err)) from None
     return device
-
-
-def check_conversion(model, cfg: RunConfig) -> None:
-    """Fail before any slow work if the model or the student config cannot be converted."""
-    config = model.config
-    if getattr(config, "model_type", "").startswith(PREFIX):
-        raise DistillError("MODEL is already a converted model; convert its teacher instead")
-    get_architecture(getattr(config, "model_type", ""))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    build_feature_map(cfg.model.feature_map, cfg.model.feature_map_kwargs, head_dim, config.num_attention_heads, config.num_key_value_heads)
-    bad = [i for i in cfg.model.keep_softmax_layers if not 0 <= i < config.num_hidden_layers]
-    if bad:
-        raise DistillError(f"model.keep_softmax_layers has index {bad[0]}; the model has {config.num_hidden_layers} layers")
 
 
 def set_threads(requested: int) -> int:
@@ -116,25 +111,11 @@ def _stage_value(key: str, store: RunStore, timer: Timer, compute) -> dict[str, 
     return meta
 
 
-def _stage_fit(model, data: TokenData, cfg: RunConfig, store: RunStore, timer: Timer) -> list[dict] | None:
-    if not cfg.fit.enabled:
-        return None
-    if store.has("fit"):
-        tensors, meta = store.load("fit")
-        load_state(model, tensors)
-    else:
-        start = time.time()
-        layers = run_fit(model, data.train, cfg.fit, tqdm)
-        meta = {"layers": layers, "seconds": time.time() - start, "tokens": min(cfg.fit.sequences, len(data.train)) * cfg.seq_len}
-        store.save("fit", model_state(model), meta)
-    timer.add("fit", meta["seconds"])
-    return meta["layers"]
-
-
 def _save_model(model, tokenizer, out: Path, store: RunStore) -> None:
     """save_pretrained into a temporary folder, then rename each file into ``out``."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
-        model.save_pretrained(tmp, tokenizer=tokenizer)
+        with disk_full_is_user_error(out):
+            model.save_pretrained(tmp, tokenizer=tokenizer)
         files = {}
         for path in sorted(Path(tmp).iterdir()):
             if path.is_file():
@@ -146,7 +127,15 @@ def _save_model(model, tokenizer, out: Path, store: RunStore) -> None:
     store.save("model", None, {"files": files})
 
 
-def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+def _stage_failed(stage: str, ppl: float) -> RunFailed:
+    hints = {"fit": "check the feature map and fit settings", "transfer": "lower transfer.lr", "finetune": "lower finetune.lr"}
+    return RunFailed(
+        f"the student's held-out perplexity is {ppl} after the {stage} stage, so no model was saved; "
+        f"{hints.get(stage, 'check the config')} and start again with --overwrite (the checkpoints in DIR/state are intact)"
+    )
+
+
+def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run ``distill convert`` and return the report (also written to ``out``)."""
     began = time.time()
     out = Path(out).expanduser()
@@ -157,7 +146,7 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
 
     start = time.time()
     model, tokenizer = load_model(spec, getattr(torch, cfg.dtype))
-    check_conversion(model, cfg)
+    check_convertible(model, cfg.model)  # before any slow work; the swap itself waits for the data
     model.to(device)
     loaded = time.time() - start
 
@@ -169,14 +158,11 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
     timer = Timer()
     timer.add("load", loaded)
     torch.manual_seed(cfg.seed)
+    ctx = StageContext(seed=cfg.seed, store=store, progress=tqdm, device=device, dtype=getattr(torch, cfg.dtype))
 
-    data = _stage_data(cfg, model, tokenizer, store, timer)
+    data = _stage_data(cfg, model, tokenizer, store, timer)  # data=self samples from the teacher: before the swap
     convert_model(model, cfg.model)
-    model.requires_grad_(False)  # the teacher's weights stay frozen
-    for i in converted_layers(model):  # the new parameters train, in fp32
-        for p in new_parameters(decoder_layers(model)[i].self_attn).values():
-            p.data = p.data.float()
-            p.requires_grad_(True)
+    prepare_new_parameters(model)
 
     batch = cfg.batch_size_eval
     teacher = _stage_value(
@@ -184,7 +170,12 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
     )
     log.info("teacher held-out perplexity: %.3f", teacher["ppl"])
 
-    fit_layers = _stage_fit(model, data, cfg, store, timer)
+    last_stage = "conversion"
+    fit_layers = None
+    if cfg.fit.enabled:
+        fit_layers = run_fit(model, data, cfg.fit, ctx)
+        timer.add("fit", store.meta("fit")["seconds"])
+        last_stage = "fit"
 
     transfer_layers = None
     if cfg.transfer.enabled:
@@ -192,19 +183,22 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
         # that layers finished before a --resume recorded.
         restored = sum(store.meta(k)["seconds"] for k in list(store.entries) if k.startswith("transfer/"))
         start = time.time()
-        transfer_layers = run_transfer(model, data.train, data.heldout, cfg.transfer, cfg.seed, store, tqdm)
+        transfer_layers = run_transfer(model, data, cfg.transfer, ctx)
         timer.add("transfer", time.time() - start + restored)
+        last_stage = "transfer"
 
-    finetune_metrics = None
+    finetuned = None
     if cfg.finetune.enabled and cfg.finetune.steps:
-        model, finetune_metrics = run_finetune(
-            model, data.train.to(device), cfg.finetune, cfg.seed, store, tqdm, data.heldout.to(device), batch
-        )
-        timer.add("finetune", finetune_metrics["seconds"])
+        finetuned = run_finetune(model, data, cfg.finetune, ctx, batch)
+        timer.add("finetune", finetuned.seconds)
+        last_stage = "finetune"
 
     student = _stage_value(
         "student_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "parallel", batch, tqdm, "student ppl")}
     )
+    if not math.isfinite(student["ppl"]):
+        store.drop(["student_eval"])  # a resumed run measures again rather than trusting this
+        raise _stage_failed(last_stage, student["ppl"])
     log.info("student held-out perplexity: %.3f (teacher %.3f)", student["ppl"], teacher["ppl"])
 
     start = time.time()
@@ -213,14 +207,14 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
 
     converted = converted_layers(model)
     tokens_by_stage = {
-        "fit": min(cfg.fit.sequences, len(data.train)) * cfg.seq_len if fit_layers is not None else 0,
-        "transfer": sum(r["tokens"] for r in transfer_layers or []),
-        "finetune": finetune_metrics["tokens"] if finetune_metrics else 0,
+        "fit": store.meta("fit")["tokens"] if fit_layers is not None else 0,
+        "transfer": sum(r.tokens for r in transfer_layers or []),
+        "finetune": finetuned.tokens if finetuned else 0,
     }
     seconds = dict(timer.seconds)
     seconds["total"] = sum(seconds.values())  # all stages, including runs before a --resume
     seconds["this_run"] = time.time() - began
-    events = [e for r in transfer_layers or [] for e in r["events"]] + (finetune_metrics or {}).get("events", [])
+    events = [e for r in transfer_layers or [] for e in r.events] + (finetuned.events if finetuned else [])
     report = {
         "model": spec,
         "teacher_ppl": teacher["ppl"],
@@ -232,11 +226,20 @@ def convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, ov
         "seconds": seconds,
         "layers": merge_layers(converted, fit_layers, transfer_layers),
         "events": events,
-        "finetune_ppl_curve": (finetune_metrics or {}).get("ppl_curve", []),
+        "finetune_ppl_curve": finetuned.ppl_curve if finetuned else [],
+        "teacher_mode": TEACHER_MODE_AFTER_FINETUNE
+        if finetuned and set(cfg.finetune.targets) & set(SHARED)
+        else "the teacher's own attention",
         "config": cfg.to_dict(),
     }
-    curves = {f"layer {r['layer']}": r["curve"] for r in transfer_layers or []}
-    if finetune_metrics:
-        curves["finetune"] = finetune_metrics["curve"]
+    curves = {f"layer {r.layer}": r.curve for r in transfer_layers or []}
+    if finetuned:
+        curves["finetune"] = finetuned.curve
     write_report(report, curves, out)
     return report
+
+
+TEACHER_MODE_AFTER_FINETUNE = (
+    "the teacher's attention over the finetuned q/k/v/o projections (LoRA is merged into the weights the "
+    "student shares with its teacher mode): compare against the original MODEL, not this mode"
+)

@@ -16,11 +16,10 @@ from typing import Any
 
 import yaml
 
-from ..config import ConvertConfig, check_keys, parse_value
+from ..config import DTYPES, ConvertConfig, check_keys, parse_value
 from ..errors import DistillError
 
 TRANSFER_INPUTS = ("teacher", "student")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

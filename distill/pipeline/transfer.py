@@ -13,28 +13,45 @@ states then go through layer i, in teacher mode (``inputs: teacher``) or as the 
 activations. Each layer is checkpointed when done; a resumed run recomputes the hidden states
 through the finished layers, so it ends where an uninterrupted run ends.
 
-A non-finite loss or parameter rolls the layer back to its last good parameters, halves the
-learning rate and is reported; after ``MAX_ROLLBACKS`` the layer keeps its last good state.
+Steps are guarded (:class:`.train.GuardedSteps`): a non-finite loss rolls the layer back to its
+last good parameters, halves the learning rate and is reported; after ``MAX_ROLLBACKS`` the layer
+keeps its last good state, and the final parameters are kept only if their held-out error is finite.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..layer import LinearAttention
-from .config import TransferConfig
-from .fit import apply_constraints
-from .params import LastGood, converted_layers, layer_state, load_state, new_parameters
-from .stream import attention_input, decoder_layers, embed, position_embeddings, run_layer
-from .weights import attention_xent, query_index, student_weights, teacher_scores
+from .attention_weights import attention_xent, query_index, student_weights, teacher_scores
+from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
+from .params import converted_layers, layer_state, load_state, new_parameters
+from .run_config import TransferConfig
+from .train import GuardedSteps, StageContext, constrain
 
 log = logging.getLogger(__name__)
 
-MAX_ROLLBACKS = 3
 CURVE_POINTS = 100
+
+
+@dataclass
+class TransferLayer:
+    """Result of one layer: relative (and absolute) MSE of its output on held-out text before and
+    after training, the work done, the subsampled loss curve and any rollback events."""
+
+    layer: int
+    transfer_mse_before: float
+    transfer_mse_after: float
+    transfer_mse_before_abs: float
+    transfer_mse_after_abs: float
+    steps: int
+    tokens: int
+    seconds: float
+    curve: list[float] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
 
 
 def layer_key(index: int) -> str:
@@ -72,33 +89,27 @@ def relative_mse(attn: LinearAttention, q, k, v, target, batch: int) -> tuple[fl
     return err / count, err / max(power, 1e-30)
 
 
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """Cosine decay from ``base`` to ``base``/10 over ``total`` steps."""
-    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(total, 1))))
-
-
-def constrain(attn: LinearAttention) -> None:
-    """Keep every feature map of the layer inside its constraints (e.g. a positive polynomial)."""
-    apply_constraints(attn.rnn.feature_map)
-    for sub in attn.stack:
-        apply_constraints(sub.rnn.feature_map)
-
-
-def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, bar=None) -> dict:
-    """Adam on the layer's new parameters; returns {curve, events, steps_done}."""
+def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None) -> dict:
+    """Adam on the layer's new parameters; ``check()`` is the held-out loss that decides whether the
+    final parameters are kept (see :meth:`GuardedSteps.finish`). Returns {curve, events}."""
     params = new_parameters(attn)
     if not params or not cfg.steps:
         return {"curve": [], "events": []}
     power = max(float(target.float().pow(2).mean()), 1e-30)
     generator = torch.Generator().manual_seed(seed)
-    lr = cfg.lr
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
-    last_good = LastGood(params)
+    steps = GuardedSteps(
+        params,
+        lambda ps, lr: torch.optim.Adam(ps, lr=lr),
+        cfg.lr,
+        cfg.steps,
+        where=f"layer {attn.layer_idx}",
+        hint="lower transfer.lr",
+        after_step=lambda: constrain([attn]),
+        event_fields={"stage": "transfer", "layer": attn.layer_idx},
+    )
     idx = query_index(q.shape[1], cfg.xent_queries, start=attn.window, device=q.device)
-    curve, events = [], []
+    curve = []
     for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(lr, step, cfg.steps)
         rows = torch.randint(len(q), (min(cfg.batch_size, len(q)),), generator=generator).to(q.device)
         qb, kb, vb = q[rows], k[rows], v[rows]
         out = student_output(attn, qb, kb, vb)
@@ -107,87 +118,76 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
             with torch.no_grad():
                 scores = teacher_scores(attn, qb, kb, idx)
             loss = loss + cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
-        value, kept = last_good.step(loss, optimizer, lambda: constrain(attn))
-        if not kept:
-            lr /= 2
-            optimizer = torch.optim.Adam(params.values(), lr=lr)
-            events.append(
-                {
-                    "layer": attn.layer_idx,
-                    "step": step,
-                    "loss": value,
-                    "message": f"non-finite loss or parameters at step {step}; rolled back to the last good "
-                    f"parameters and halved the learning rate to {lr:.3g}",
-                    "hint": "lower transfer.lr",
-                }
-            )
-            log.warning("layer %d: %s (hint: lower transfer.lr)", attn.layer_idx, events[-1]["message"])
-            if len(events) >= MAX_ROLLBACKS:
-                log.warning("layer %d: stopping after %d rollbacks; keeping its last good parameters", attn.layer_idx, MAX_ROLLBACKS)
+        value = steps.step(loss, step)
+        if value is None:
+            if steps.exhausted:
                 break
             continue
         curve.append(value)
         if bar is not None:
             bar.set_postfix(layer=attn.layer_idx, loss=f"{value:.4f}")
             bar.update(1)
+    steps.finish(check)
     stride = max(1, len(curve) // CURVE_POINTS)
-    return {"curve": curve[::stride], "events": events}
+    return {"curve": curve[::stride], "events": steps.events}
 
 
-def run_transfer(model, ids: torch.Tensor, heldout: torch.Tensor, cfg: TransferConfig, seed: int, store, progress) -> list[dict]:
-    """Train every converted layer in turn; returns per-layer metrics. ``store`` checkpoints
-    each finished layer under :func:`layer_key` and restores finished layers on resume."""
+def run_transfer(model, data, cfg: TransferConfig, ctx: StageContext) -> list[TransferLayer]:
+    """Train every converted layer in turn on ``data.train`` (held-out error on ``data.heldout``);
+    each finished layer is checkpointed under :func:`layer_key` and restored on resume."""
     layers = decoder_layers(model)
     converted = converted_layers(model)
-    ids = ids[: cfg.sequences] if cfg.sequences else ids
+    ids = data.train[: cfg.sequences] if cfg.sequences else data.train
     batch = max(1, cfg.batch_size)
     mode = "teacher" if cfg.inputs == "teacher" else "parallel"
     hidden = embed(model, ids, batch)
-    val = embed(model, heldout[: max(1, cfg.eval_sequences)], batch)
+    val = embed(model, data.heldout[: max(1, cfg.eval_sequences)], batch)
     rope = position_embeddings(model, hidden[:1])
     results = []
-    todo = sum(cfg.steps for i in converted if not store.has(layer_key(i)))
-    bar = progress(total=todo, desc="transfer", unit="step")
-    for i in range(len(layers)):
-        if i > max(converted, default=-1):
-            break
-        if i in converted:
-            attn = layers[i].self_attn
-            key = layer_key(i)
-            if store.has(key):
-                tensors, meta = store.load(key)
-                load_state(model, tensors, [i])
-            else:
-                meta = transfer_layer(model, attn, hidden, val, rope, cfg, seed, batch, bar)
-                store.save(key, layer_state(model, i), meta)
-            results.append(meta)
-            log.info(
-                "layer %d: relative MSE %.4f -> %.4f", i, meta["transfer_mse_before"], meta["transfer_mse_after"]
-            )
-        hidden = run_layer(model, i, hidden, mode, batch)
-        val = run_layer(model, i, val, mode, batch)
-    bar.close()
+    todo = sum(cfg.steps for i in converted if not ctx.store.has(layer_key(i)))
+    bar = ctx.progress(total=todo, desc="transfer", unit="step")
+    try:
+        for i in range(len(layers)):
+            if i > max(converted, default=-1):
+                break
+            if i in converted:
+                key = layer_key(i)
+                if ctx.store.has(key):
+                    tensors, meta = ctx.store.load(key)
+                    load_state(model, tensors, [i])
+                    result = TransferLayer(**meta)
+                else:
+                    result = transfer_layer(model, layers[i].self_attn, hidden, val, rope, cfg, ctx.seed, batch, bar)
+                    ctx.store.save(key, layer_state(model, i), asdict(result))
+                results.append(result)
+                log.info("layer %d: relative MSE %.4f -> %.4f", i, result.transfer_mse_before, result.transfer_mse_after)
+            hidden = run_layer(model, i, hidden, mode, batch)
+            val = run_layer(model, i, val, mode, batch)
+    finally:
+        bar.close()  # also on an error, so that its one line starts a line of its own
     return results
 
 
-def transfer_layer(model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar) -> dict:
+def transfer_layer(model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar) -> TransferLayer:
     start = time.time()
     i = attn.layer_idx
     q, k, v, target = teacher_targets(attn, attention_input(model, i, hidden), rope, batch)
     vq, vk, vv, vtarget = teacher_targets(attn, attention_input(model, i, val), rope, batch)
     before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch)
     with torch.enable_grad():
-        trained = train_layer(attn, q, k, v, target, cfg, seed * 1_000_003 + i, bar)
+        trained = train_layer(
+            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar
+        )
     after_abs, after = relative_mse(attn, vq, vk, vv, vtarget, batch)
-    return {
-        "layer": i,
-        "transfer_mse_before": before,
-        "transfer_mse_after": after,
-        "transfer_mse_before_abs": before_abs,
-        "transfer_mse_after_abs": after_abs,
-        "steps": cfg.steps,
-        "tokens": cfg.steps * min(cfg.batch_size, len(q)) * q.shape[1],
-        "seconds": time.time() - start,
-        "curve": trained["curve"],
-        "events": trained["events"],
-    }
+    return TransferLayer(
+        layer=i,
+        transfer_mse_before=before,
+        transfer_mse_after=after,
+        transfer_mse_before_abs=before_abs,
+        transfer_mse_after_abs=after_abs,
+        steps=cfg.steps,
+        tokens=cfg.steps * min(cfg.batch_size, len(q)) * q.shape[1],
+        seconds=time.time() - start,
+        curve=trained["curve"],
+        events=trained["events"],
+    )
