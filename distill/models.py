@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .assets import fetch
 from .convert import is_converted, load_converted
+from .architectures import get_architecture
 from .errors import DistillError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,24 @@ def _forget_dequantized_gguf(model) -> None:
         del model.config.quantization_config
 
 
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF file's metadata (memory-mapped: no tensor is read)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+        return field.parts[field.data[0]].tobytes().decode("utf-8")
+    except (KeyError, IndexError, ValueError, OSError) as err:
+        raise DistillError(f"{path} is not a readable GGUF file ({_first_line(err)}); check the file") from None
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF whose architecture distill cannot convert before anything is de-quantised.
+    GGUF names its architectures as llama.cpp does; for the supported families that is the
+    transformers ``model_type`` (Mistral and SmolLM ship as ``llama``)."""
+    get_architecture(gguf_architecture(path))
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for ``spec``; errors are one-line :class:`DistillError`s."""
     if spec == DEMO:
@@ -45,6 +64,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         if spec.endswith(".gguf"):
             if not path.is_file():
                 raise DistillError(f"GGUF file {spec} does not exist; check the path")
+            check_gguf(path)
             kwargs = {"gguf_file": path.name}
             model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)

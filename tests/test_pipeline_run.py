@@ -371,3 +371,33 @@ def test_a_non_finite_student_is_never_saved_and_exits_1(assets, tmp_path, capsy
     code, _, err = _cli(capsys, "convert", assets["model"], "--out", str(out), *FULL, f"data={assets['data']}", "finetune.enabled=false", "--resume")
     assert code == 0, err
     assert all(bool(torch.isfinite(t).all()) for t in _weights(out).values())
+
+
+def _tiny_gguf(path, arch: str):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_an_unsupported_gguf_is_refused_before_loading(tmp_path):
+    import time
+
+    from distill.models import gguf_architecture, load_model
+
+    path = _tiny_gguf(tmp_path / "tiny.gguf", "gemma3")
+    assert gguf_architecture(path) == "gemma3"
+    start = time.time()
+    with pytest.raises(DistillError, match="model_type 'gemma3' is not supported; supported: llama, mistral, qwen2, qwen3"):
+        load_model(str(path))
+    assert time.time() - start < 2.0
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(DistillError, match="not a readable GGUF file"):
+        load_model(str(tmp_path / "junk.gguf"))
