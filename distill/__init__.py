@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .config import ConvertConfig
     from .convert import convert_model, load_converted
     from .feature_maps import FeatureMap, register_feature_map
+    from .recurrence import Recurrence, register_recurrence
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -21,6 +22,8 @@ _EXPORTS = {
     "convert_model": "distill.convert",
     "load_converted": "distill.convert",
     "register_feature_map": "distill.feature_maps",
+    "Recurrence": "distill.recurrence",
+    "register_recurrence": "distill.recurrence",
 }
 
 __all__ = sorted(_EXPORTS)

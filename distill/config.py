@@ -25,6 +25,10 @@ class ConvertConfig:
     window: exact softmax over the last ``window`` tokens plus linear attention over older
         ones (LoLCATs-style hybrid); 0 = pure linear attention.
     decay: per-head state decay, ``none | fixed | learned``.
+    recurrence: how each sublayer updates its state: ``linear`` (default), ``gla``, ``delta``,
+        ``gated_delta``, a name registered with ``@register_recurrence``, or
+        ``"package.module:ClassName"`` (see :mod:`distill.recurrence`).
+    recurrence_kwargs: options of the recurrence (e.g. ``{gate_rank: 16}`` for gla).
     keep_softmax_layers: layer indices that keep the teacher's softmax attention.
     eps: added to the normaliser.
     """
@@ -34,6 +38,8 @@ class ConvertConfig:
     depth: int = 1
     window: int = 0
     decay: str = "none"
+    recurrence: str = "linear"
+    recurrence_kwargs: dict[str, Any] = field(default_factory=dict)
     keep_softmax_layers: list[int] = field(default_factory=list)
     eps: float = 1e-6
 
@@ -49,6 +55,10 @@ class ConvertConfig:
             raise DistillError(f"depth must be an integer >= 1, got {self.depth!r}")
         if not isinstance(self.window, int) or self.window < 0:
             raise DistillError(f"window must be an integer >= 0, got {self.window!r}")
+        if not isinstance(self.recurrence, str) or not self.recurrence:
+            raise DistillError("recurrence must be a registered name (linear, gla, delta, gated_delta) or 'package.module:Class'")
+        if not isinstance(self.recurrence_kwargs, dict):
+            raise DistillError("recurrence_kwargs must be a mapping, e.g. {gate_rank: 16}")
         if self.decay not in DECAYS:
             raise DistillError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if not self.eps > 0:

@@ -25,6 +25,7 @@ from .config import ConvertConfig
 from .errors import DistillError
 from .feature_maps import check_feature_map
 from .layer import LinearAttention
+from .recurrence import check_recurrence
 from .rnn import RNNSpec
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ def _layer_spec(model: nn.Module, cfg: ConvertConfig) -> RNNSpec:
         )
     head_dim = layers[0].self_attn.head_dim
     map_cls = check_feature_map(cfg.feature_map, cfg.feature_map_kwargs, head_dim)
-    return RNNSpec(map_cls, dict(cfg.feature_map_kwargs), cfg.decay)
+    recurrence_cls = check_recurrence(cfg.recurrence, cfg.recurrence_kwargs)
+    return RNNSpec(map_cls, dict(cfg.feature_map_kwargs), cfg.decay, recurrence_cls, dict(cfg.recurrence_kwargs))
 
 
 def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> dict[int, LinearAttention]:

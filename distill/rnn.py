@@ -4,9 +4,10 @@ Normalised causal linear attention (Katharopoulos et al., 2020):
 
     S_t = γ S_{t-1} + φ(k_t) v_tᵀ,   z_t = γ z_{t-1} + φ(k_t),   y_t = φ(q_t)ᵀS_t / (φ(q_t)ᵀz_t + ε)
 
-S and z are kept as one state ``[B, Hk, F, D+1]``: a ones column appended to v carries z. The
-feature map runs the scan (a polynomial map uses the fused polynomial op); the decay is γ = 1,
-a fixed per-head schedule, or learned.
+S and z are kept as one state ``[B, Hk, F, D+1]``: a ones column appended to v carries z. That
+is the ``linear`` recurrence; :mod:`distill.recurrence` holds the others (gated, delta rule),
+which use the same feature map and decay. The decay is γ = 1, a fixed per-head schedule, or
+learned.
 """
 from __future__ import annotations
 
@@ -17,18 +18,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fp32 import KeepFloat32
 from .feature_maps import FeatureMap
+from .fp32 import KeepFloat32
+from .recurrence import LinearRecurrence, Recurrence
 
 
 @dataclass(frozen=True)
 class RNNSpec:
-    """What a sublayer is made of: a feature-map class (resolved and checked once, by the
-    caller) with its options, and the decay (``none | fixed | learned``)."""
+    """What a sublayer is made of: a feature-map class and a recurrence class (resolved and
+    checked once, by the caller) with their options, and the decay (``none | fixed | learned``)."""
 
     feature_map: type[FeatureMap]
     feature_map_kwargs: dict[str, Any] = field(default_factory=dict)
     decay: str = "none"
+    recurrence: type[Recurrence] = LinearRecurrence
+    recurrence_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def fixed_log_decay(num_heads: int) -> torch.Tensor:
@@ -47,6 +51,9 @@ class LinearRNN(KeepFloat32):
         super().__init__()
         self.feature_map = spec.feature_map(
             head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads, **spec.feature_map_kwargs
+        )
+        self.recurrence = spec.recurrence(
+            head_dim=head_dim, num_kv_heads=num_kv_heads, feature_dim=self.feature_map.feature_dim, **spec.recurrence_kwargs
         )
         self.decay_mode = spec.decay
         if spec.decay == "fixed":
@@ -74,8 +81,5 @@ class LinearRNN(KeepFloat32):
         recurrent: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B,T,H,D], k/v [B,T,Hk,D] (before φ), valid [B,T] bool (False = padding, which never
-        enters the state) -> o [B,T,H,D+1] fp32 (numerator, then normaliser), state [B,Hk,F,D+1]."""
-        v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)  # (B,T,Hk,D+1)
-        if valid is not None:
-            v1 = v1 * valid[:, :, None, None]  # a zero value row adds nothing to S or z
-        return self.feature_map.scan(q, k, v1, log_decay=self.log_decay(), initial_state=state, recurrent=recurrent)
+        enters the state) -> o [B,T,H,D+1] fp32 (numerator, then normaliser), state [B,Hk,F,·]."""
+        return self.recurrence.scan(self.feature_map, q, k, v, valid, self.log_decay(), state, recurrent)

@@ -11,9 +11,18 @@ here, and the backend's functions trust that check.
     recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace=False) -> (o, final_state)
     chunk_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None) -> (o, final_state)
     recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, inplace=False)
+    chunk_gla(q, k, v, log_alpha, initial_state=None) -> (o, final_state)
+    recurrent_gla(q, k, v, log_alpha, initial_state=None, inplace=False) -> (o, final_state)
+    chunk_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None) -> (o, final_state)
+    recurrent_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None, inplace=False) -> (o, final_state)
 
 Shapes: q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], state [B,Hk,F,Dv] (fp32);
-q_proj [B,T,H,r], k_proj [B,T,Hk,r], coeffs [H,p+1] (state layout: :mod:`distill_kernels.poly`).
+q_proj [B,T,H,r], k_proj [B,T,Hk,r], coeffs [H,p+1] (state layout: :mod:`distill_kernels.poly`);
+GLA log_alpha [B,T,Hk,F]; delta rule beta [B,T,Hk], log_alpha [B,T,Hk] (rules: :mod:`.gated`, :mod:`.delta`).
+
+The gated and delta-rule recurrences run the torch path (:mod:`.gated`, :mod:`.delta`) on every
+backend that has no kernel for them (``Backend.chunk_gla`` ... left None): under ``auto`` that is
+torch on CPU and on CUDA alike; ``DISTILL_BACKEND=fla`` runs fla's kernels (CUDA only).
 """
 from __future__ import annotations
 
@@ -23,12 +32,14 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import poly
+from . import delta, gated, poly
 from .chunk import chunk_linear_attn as torch_chunk_linear_attn
+from .delta import naive_delta_rule
+from .gated import naive_gla
 from .naive import naive_linear_attn
 from .poly import poly_feature_dim, poly_features
 from .recurrent import recurrent_linear_attn as torch_recurrent_linear_attn
-from .validate import check_scan_args
+from .validate import check_delta_args, check_gla_args, check_scan_args
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +48,32 @@ class Backend(NamedTuple):
     """One implementation's functions. They trust their caller: the entry points below check the
     arguments first (stride 1 on the last dim and no float64 too where ``unit_stride``).
     ``chunk`` and ``recurrent`` follow :func:`naive_linear_attn`; ``chunk_poly`` follows
-    :func:`chunk_poly_attn` (None: materialise the features and use ``chunk``)."""
+    :func:`chunk_poly_attn` (None: materialise the features and use ``chunk``). The gated and
+    delta-rule functions follow :func:`naive_gla` and :func:`naive_delta_rule` (None: the torch path)."""
 
     chunk: Callable
     recurrent: Callable
     chunk_poly: Callable | None = None
     recurrent_inplace: bool = False  # recurrent takes ``inplace=`` itself
     unit_stride: bool = False  # what the Triton kernels need (see ``check_scan_args``)
+    chunk_gla: Callable | None = None
+    recurrent_gla: Callable | None = None
+    chunk_delta_rule: Callable | None = None
+    recurrent_delta_rule: Callable | None = None
+
+
+# The torch paths of the gated and delta-rule recurrences, also what a backend without its own
+# kernels for them runs (the Triton backend, today).
+_TORCH_RECURRENCES = dict(
+    chunk_gla=gated.chunk_gla,
+    recurrent_gla=gated.recurrent_gla,
+    chunk_delta_rule=delta.chunk_delta_rule,
+    recurrent_delta_rule=delta.recurrent_delta_rule,
+)
 
 
 def _load_torch() -> Backend:
-    return Backend(torch_chunk_linear_attn, torch_recurrent_linear_attn, poly.chunk_poly_attn)
+    return Backend(torch_chunk_linear_attn, torch_recurrent_linear_attn, poly.chunk_poly_attn, **_TORCH_RECURRENCES)
 
 
 def _load_triton() -> Backend:
@@ -84,7 +110,14 @@ def _check_triton(device: torch.device) -> None:
 def _load_fla() -> Backend:
     from . import fla_backend
 
-    return Backend(fla_backend.chunk_linear_attn_unchecked, fla_backend.recurrent_linear_attn_unchecked)
+    return Backend(
+        fla_backend.chunk_linear_attn_unchecked,
+        fla_backend.recurrent_linear_attn_unchecked,
+        chunk_gla=fla_backend.chunk_gla_unchecked,
+        recurrent_gla=fla_backend.recurrent_gla_unchecked,
+        chunk_delta_rule=fla_backend.chunk_delta_rule_unchecked,
+        recurrent_delta_rule=fla_backend.recurrent_delta_rule_unchecked,
+    )
 
 
 def _check_fla(device: torch.device) -> None:
@@ -175,16 +208,22 @@ def chunk_linear_attn(q, k, v, log_decay=None, initial_state=None):
     return backend.chunk(q, k, v, log_decay=log_decay, initial_state=initial_state)
 
 
+def _write_back(initial_state, state, inplace: bool):
+    """For ``inplace``: copy the new state into ``initial_state`` and return that, unless autograd
+    records the call (then the fresh state is returned)."""
+    if inplace and initial_state is not None and state is not initial_state and not state.requires_grad:
+        initial_state.copy_(state)
+        return initial_state
+    return state
+
+
 def _recurrent(backend: Backend, q, k, v, log_decay, initial_state, inplace: bool):
     """``backend.recurrent`` on checked arguments; copies the state back for ``inplace`` where the
     backend cannot write it in place itself."""
     if backend.recurrent_inplace:
         return backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state, inplace=inplace)
     o, state = backend.recurrent(q, k, v, log_decay=log_decay, initial_state=initial_state)
-    if inplace and initial_state is not None and state is not initial_state and not state.requires_grad:
-        initial_state.copy_(state)
-        state = initial_state
-    return o, state
+    return o, _write_back(initial_state, state, inplace)
 
 
 def recurrent_linear_attn(q, k, v, log_decay=None, initial_state=None, inplace: bool = False):
@@ -216,14 +255,65 @@ def recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state
     return _recurrent(backend, phi_q, phi_k, v, log_decay, initial_state, inplace)
 
 
+def _recurrence(backend: Backend, name: str) -> Callable:
+    """``backend``'s function ``name`` for a gated / delta-rule recurrence, else the torch path."""
+    return getattr(backend, name) or _TORCH_RECURRENCES[name]
+
+
+def chunk_gla(q, k, v, log_alpha, initial_state=None):
+    """Gated linear attention (Yang et al. 2024), training and prefill:
+    S_t = diag(exp(log_alpha_t)) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t (no scaling: the caller scales q).
+    q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_alpha [B,T,Hk,F] (<= 0), initial_state [B,Hk,F,Dv]
+    -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32. Padding tokens: k = 0, log_alpha = 0."""
+    backend = _backend_for(q, "q")
+    check_gla_args(q, k, v, log_alpha, initial_state)
+    return _recurrence(backend, "chunk_gla")(q, k, v, log_alpha, initial_state)
+
+
+def recurrent_gla(q, k, v, log_alpha, initial_state=None, inplace: bool = False):
+    """Same contract as :func:`chunk_gla`, token by token (decode); ``inplace`` as in
+    :func:`recurrent_linear_attn`."""
+    backend = _backend_for(q, "q")
+    check_gla_args(q, k, v, log_alpha, initial_state)
+    o, state = _recurrence(backend, "recurrent_gla")(q, k, v, log_alpha, initial_state)
+    return o, _write_back(initial_state, state, inplace)
+
+
+def chunk_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None):
+    """Delta rule (DeltaNet, Yang et al. 2024) or, with ``log_alpha``, gated delta rule (Yang et al.
+    2025), training and prefill: S_t = exp(log_alpha_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t. k must be L2-normalised by the caller; nothing is scaled.
+    q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], beta [B,T,Hk] in (0,1), log_alpha [B,T,Hk] (<= 0) or None,
+    initial_state [B,Hk,F,Dv] -> o [B,T,H,Dv] fp32, final state [B,Hk,F,Dv] fp32.
+    Padding tokens: beta = 0, log_alpha = 0 (and k = 0)."""
+    backend = _backend_for(q, "q")
+    check_delta_args(q, k, v, beta, log_alpha, initial_state)
+    return _recurrence(backend, "chunk_delta_rule")(q, k, v, beta, log_alpha, initial_state)
+
+
+def recurrent_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None, inplace: bool = False):
+    """Same contract as :func:`chunk_delta_rule`, token by token (decode); ``inplace`` as in
+    :func:`recurrent_linear_attn`."""
+    backend = _backend_for(q, "q")
+    check_delta_args(q, k, v, beta, log_alpha, initial_state)
+    o, state = _recurrence(backend, "recurrent_delta_rule")(q, k, v, beta, log_alpha, initial_state)
+    return o, _write_back(initial_state, state, inplace)
+
+
 __all__ = [
     "Backend",
+    "chunk_delta_rule",
+    "chunk_gla",
     "chunk_linear_attn",
     "chunk_poly_attn",
     "get_backend",
+    "naive_delta_rule",
+    "naive_gla",
     "naive_linear_attn",
     "poly_feature_dim",
     "poly_features",
+    "recurrent_delta_rule",
+    "recurrent_gla",
     "recurrent_linear_attn",
     "recurrent_poly_attn",
     "register_backend",

@@ -74,3 +74,59 @@ def check_scan_args(
                     f"{x.stride()}; call .contiguous() first"
                 )
     return B, T, H, Hk, F, Dv
+
+
+def _check_gate(name: str, x: torch.Tensor | None, shape: tuple[int, ...], expected: str, device) -> None:
+    """A gate tensor (log_alpha, beta): a float tensor on ``device`` of exactly ``shape``."""
+    if x is None:
+        return
+    _check_float(name, x)
+    if tuple(x.shape) != shape:
+        _fail(name, expected, x)
+    if x.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {x.device}")
+
+
+def check_gla_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    unit_stride: bool = False,
+) -> tuple[int, int, int, int, int, int]:
+    """Check the GLA arguments: q, k, v, initial_state as :func:`check_scan_args` (no log_decay) and
+    log_alpha [B, T, Hk, F], one log-gate per kv head, token and key feature (required).
+    Values (log_alpha <= 0) are not checked: that would sync the device. Returns (B, T, H, Hk, F, Dv)."""
+    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, None, initial_state, unit_stride=unit_stride)
+    if log_alpha is None:
+        raise ValueError(f"log_alpha must be [B, T, Hk, F] = [{B}, {T}, {Hk}, {F}], got None")
+    _check_gate("log_alpha", log_alpha, (B, T, Hk, F),
+                f"[B, T, Hk, F] = [{B}, {T}, {Hk}, {F}] (one log-gate per kv head, token and key feature)",
+                q.device)
+    return B, T, H, Hk, F, Dv
+
+
+def check_delta_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    log_alpha: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    *,
+    unit_stride: bool = False,
+) -> tuple[int, int, int, int, int, int]:
+    """Check the (gated) delta-rule arguments: q, k, v, initial_state as :func:`check_scan_args` (no
+    log_decay), beta [B, T, Hk] (required) and log_alpha [B, T, Hk] or None, one scalar per kv head
+    and token. Values (0 < beta < 1, log_alpha <= 0, unit-norm k) are not checked: that would sync
+    the device. Returns (B, T, H, Hk, F, Dv)."""
+    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, None, initial_state, unit_stride=unit_stride)
+    if beta is None:
+        raise ValueError(f"beta must be [B, T, Hk] = [{B}, {T}, {Hk}], got None")
+    _check_gate("beta", beta, (B, T, Hk), f"[B, T, Hk] = [{B}, {T}, {Hk}] (one write strength per kv head and token)",
+                q.device)
+    _check_gate("log_alpha", log_alpha, (B, T, Hk),
+                f"[B, T, Hk] = [{B}, {T}, {Hk}] (one log-gate per kv head and token)", q.device)
+    return B, T, H, Hk, F, Dv

@@ -184,6 +184,11 @@ class RunConfig:
             raise DistillError(f"heldout_tokens={self.heldout_tokens} is less than one sequence (seq_len={self.seq_len})")
         for section in (self.fit, self.transfer, self.finetune):
             section.validate()
+        if self.transfer.xent_weight and self.model.recurrence != "linear":
+            raise DistillError(
+                f"transfer.xent_weight needs model.recurrence=linear (explicit attention weights exist only for it), "
+                f"got {self.model.recurrence!r}; set transfer.xent_weight=0"
+            )
 
     @property
     def calib_sequences(self) -> int:

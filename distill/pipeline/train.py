@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..feature_maps import FeatureMap
+from ..recurrence import Recurrence
 from .layerwise import decoder_layers
 from .params import converted_layers, new_parameters
 
@@ -60,10 +61,10 @@ def prepare_new_parameters(model: nn.Module) -> None:
 
 
 def constrain(modules: Iterable[nn.Module]) -> None:
-    """Keep every feature map inside ``modules`` within its constraints (after a step)."""
+    """Keep every feature map and recurrence inside ``modules`` within its constraints (after a step)."""
     for module in modules:
         for sub in module.modules():
-            if isinstance(sub, FeatureMap):
+            if isinstance(sub, (FeatureMap, Recurrence)):
                 sub.constrain_()
 
 

@@ -1,0 +1,158 @@
+"""Gated linear attention (GLA): linear attention whose state forgets per key feature, at a rate
+the data sets token by token. Yang et al. 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training" (the chunked form with a secondary, finer chunking follows its §4).
+
+Layout everywhere ``[B, T, H, D]``. Query heads ``H`` share key/value heads ``Hk`` (GQA): query
+head ``h`` reads kv head ``h // (H // Hk)``. Per kv head, with the F x Dv state
+``S_{-1} = initial_state`` (zeros when None):
+
+    S_t = diag(alpha_t) S_{t-1} + k_t v_t^T        alpha_t = exp(log_alpha_t) in (0, 1]^F
+    o_t = S_t^T q_t
+
+q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_alpha [B,T,Hk,F] (<= 0), initial_state [B,Hk,F,Dv].
+Every form returns o [B,T,H,Dv] and the final state [B,Hk,F,Dv], in fp32 (float64 when q is
+float64, which the tests use for tight tolerances). Nothing is scaled here: the caller scales q.
+A padding token (k = 0, log_alpha = 0) leaves the state as it was.
+
+    naive_gla      the reference: one Python step per token, written for clarity
+    chunk_gla      training / prefill: Python loops over chunks only
+    recurrent_gla  decode: token by token on the kv-head state
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_
+
+
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _initial(initial_state, B, Hk, F, Dv, dtype, device) -> torch.Tensor:
+    if initial_state is None:
+        return torch.zeros(B, Hk, F, Dv, dtype=dtype, device=device)
+    return initial_state.to(dtype)
+
+
+def naive_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step reference. q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_alpha [B,T,Hk,F],
+    initial_state [B,Hk,F,Dv] or None -> o [B,T,H,Dv], final state [B,Hk,F,Dv]."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    dtype = _compute_dtype(q)
+    q, k, v, log_alpha = (x.to(dtype) for x in (q, k, v, log_alpha))
+    kv_head = torch.arange(H, device=q.device) // (H // Hk)  # (H,) the kv head each query head reads
+    state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)  # (B, Hk, F, Dv)
+    outs = []
+    for t in range(T):
+        alpha = torch.exp(log_alpha[:, t])  # (B, Hk, F)
+        write = torch.einsum("bif,bid->bifd", k[:, t], v[:, t])  # (B, Hk, F, Dv)
+        state = alpha[..., None] * state + write
+        outs.append(torch.einsum("bhf,bhfd->bhd", q[:, t], state[:, kv_head]))  # (B, H, Dv)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, Dv)
+    return o, state
+
+
+def recurrent_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode path, token by token on the [B,Hk,F,Dv] state. Same contract as :func:`naive_gla`."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    G = H // Hk
+    dtype = _compute_dtype(q)
+    qg = q.to(dtype).reshape(B, T, Hk, G, F)
+    k, v = k.to(dtype), v.to(dtype)
+    alpha = torch.exp(log_alpha.to(dtype))  # (B, T, Hk, F)
+    state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
+    outs = []
+    for t in range(T):
+        state = alpha[:, t, :, :, None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, Hk, F, Dv)
+        outs.append(torch.einsum("bigf,bifd->bigd", qg[:, t], state))  # (B, Hk, G, Dv)
+    o = torch.stack(outs, dim=1) if outs else qg.new_zeros(B, 0, Hk, G, Dv)
+    return o.reshape(B, T, H, Dv), state
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    sub_chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked form; same contract as :func:`naive_gla`.
+
+    With b_t the log-gate summed from the chunk's start through t, a query t and a key s <= t of
+    one chunk interact through sum_f q_tf k_sf exp(b_tf - b_sf). Splitting that as
+    (q_t exp(b_t)) . (k_s exp(-b_s)) overflows once the gates are small over a chunk, so:
+
+    * keys in an earlier sub-chunk (``sub_chunk`` tokens) than the query are factored at the start
+      r of the query's sub-chunk, exp(b_t - b_r) * exp(b_r - b_s): both exponents are <= 0;
+    * keys in the query's own sub-chunk use exp(b_t - b_s) directly, a [c, c, F] tensor per
+      sub-chunk and kv head (with F = 128, c = 16: 32k numbers per 16 tokens and kv head);
+    * the state is carried from chunk to chunk with exp(b_last) and exp(b_last - b_s).
+
+    Every exponent is <= 0 before ``exp``, whatever the gates. Padding appended to reach a whole
+    number of chunks is k = 0, log_alpha = 0: it neither writes nor decays."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    G, C = H // Hk, chunk_size
+    c = min(sub_chunk, C)
+    if C % c:
+        raise ValueError(f"chunk_size must be a multiple of sub_chunk, got {C} and {sub_chunk}")
+    J = C // c  # sub-chunks per chunk
+    N = max(1, -(-T // C))
+    pad = N * C - T
+    dtype = _compute_dtype(q)
+    q, k, v, g = (F_.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v, log_alpha))
+    qc = q.view(B, N, C, Hk, G, F)
+    kc = k.view(B, N, C, Hk, F)
+    vc = v.view(B, N, C, Hk, Dv)
+    b = g.view(B, N, C, Hk, F).cumsum(2)  # (B, N, C, Hk, F) log-gate from the chunk's start through t
+    b_sub = b.view(B, N, J, c, Hk, F)
+    b_end = b_sub[:, :, :, -1]  # (B, N, J, Hk, F) through each sub-chunk's last token
+    b_start = torch.cat([torch.zeros_like(b_end[:, :, :1]), b_end[:, :, :-1]], dim=2)  # (B, N, J, Hk, F) before it
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+
+    # Queries against keys of earlier sub-chunks of the same chunk, factored at the query's sub-chunk start.
+    q_off = qc.view(B, N, J, c, Hk, G, F) * torch.exp(b_sub - b_start[:, :, :, None])[:, :, :, :, :, None]
+    pos = torch.arange(C, device=q.device)
+    earlier = pos[None, :] < (torch.arange(J, device=q.device) * c)[:, None]  # (J, C) key s precedes sub-chunk j
+    to_start = torch.where(earlier[None, None, :, :, None, None], b_start[:, :, :, None] - b[:, :, None], neg_inf)
+    k_off = torch.exp(to_start) * kc[:, :, None]  # (B, N, J, C, Hk, F); zero where s is not earlier
+    scores = torch.einsum("bnjtigf,bnjsif->bnjigts", q_off, k_off)  # (B, N, J, Hk, G, c, C)
+    o = torch.einsum("bnjigts,bnsid->bnjtigd", scores, vc)  # (B, N, J, c, Hk, G, Dv)
+
+    # Queries against keys of their own sub-chunk: exp(b_t - b_s) per feature, masked before exp.
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # (c_t, c_s)
+    lag = torch.where(causal[:, :, None, None], b_sub[:, :, :, :, None] - b_sub[:, :, :, None], neg_inf)
+    k_diag = torch.exp(lag) * kc.view(B, N, J, 1, c, Hk, F)  # (B, N, J, c_t, c_s, Hk, F)
+    scores = torch.einsum("bnjtigf,bnjtsif->bnjigts", qc.view(B, N, J, c, Hk, G, F), k_diag)  # (B, N, J, Hk, G, c, c)
+    o = o + torch.einsum("bnjigts,bnjsid->bnjtigd", scores, vc.view(B, N, J, c, Hk, Dv))
+    o = o.reshape(B, N, C, Hk, G, Dv)
+
+    # Across chunks: what each chunk adds to the state, and the decay it applies to the state it got.
+    b_last = b[:, :, -1]  # (B, N, Hk, F)
+    kv = torch.einsum("bnsif,bnsid->bnifd", kc * torch.exp(b_last[:, :, None] - b), vc)  # (B, N, Hk, F, Dv)
+    chunk_decay = torch.exp(b_last)  # (B, N, Hk, F)
+    state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
+    starts = []  # the state entering each chunk
+    for n in range(N):
+        starts.append(state)
+        state = chunk_decay[:, n, :, :, None] * state + kv[:, n]
+    starts = torch.stack(starts, dim=1)  # (B, N, Hk, F, Dv)
+    q_in = qc * torch.exp(b)[:, :, :, :, None]  # (B, N, C, Hk, G, F) decayed from the chunk's start
+    o = o + torch.einsum("bncigf,bnifd->bncigd", q_in, starts)
+    return o.reshape(B, N * C, H, Dv)[:, :T], state
