@@ -190,6 +190,43 @@ class LinearAttention(KeepFloat32):
             layer_cache.store(new_states, recent, q.shape[1])
         return y
 
+    def _evicted_scan(self, q, k_all, v_all, valid_all, state, recurrent):
+        """The linear part of a hybrid: keys leave the window w steps after they arrive, so the
+        state reads the stream k_all [B,w+T,Hk,D] shifted by w. -> o [B,T,H,D+1], state."""
+        T, w = q.shape[1], self.window
+        o_lin, state = self.rnn.scan(q, k_all[:, :T], v_all[:, :T], valid_all[:, :T], state, recurrent)
+        log_decay = self.rnn.log_decay()
+        if log_decay is not None:  # the shifted stream lags by w steps of decay
+            lag = torch.exp(log_decay.float() * w).repeat_interleave(self.num_heads // self.num_kv_heads)  # (H,)
+            o_lin = o_lin * lag[None, None, :, None]
+        return o_lin, state
+
+    def evicted_readout(self, q, k, v):
+        """What the linear part alone reads from the keys that have left the window, normalised by
+        itself (no window, no mixing): q [B,T,H,D], k/v [B,T,Hk,D] -> y [B,T−w,H,D] fp32 for the
+        queries t ≥ w (earlier ones have no evicted key). Sublayer 1 only; the training target of
+        :func:`teacher_evicted_attention`."""
+        B, T, H, D = q.shape
+        w = self.window
+        zeros = k.new_zeros(B, w, self.num_kv_heads, D)
+        valid_all = torch.cat([torch.zeros(B, w, dtype=torch.bool, device=q.device), torch.ones(B, T, dtype=torch.bool, device=q.device)], 1)
+        o, _ = self._evicted_scan(q, torch.cat([zeros, k], 1), torch.cat([zeros, v], 1), valid_all, None, False)
+        return (o[..., :-1] / (o[..., -1:] + self.eps))[:, w:]
+
+    def teacher_evicted_attention(self, q, k, v):
+        """The teacher's softmax attention restricted to the keys older than the window, normalised
+        over them: q [B,T,H,D], k/v [B,T,Hk,D] -> y [B,T−w,H,D] for the queries t ≥ w (the KV
+        cache's readout that the linear part stands in for)."""
+        w, T = self.window, q.shape[1]
+        sliding = self.teacher_sliding_window
+        # Query t (row t−w) sees keys s ≤ t−w, and s > t − sliding if the teacher slides.
+        mask = teacher_mask(T - w, None, sliding - w if sliding else None, q.device)
+        y = nn.functional.scaled_dot_product_attention(
+            q[:, w:].transpose(1, 2), k[:, : T - w].transpose(1, 2), v[:, : T - w].transpose(1, 2),
+            attn_mask=mask, scale=self.scaling, enable_gqa=True,
+        )  # (B, H, T−w, D)
+        return y.transpose(1, 2)
+
     def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent):
         B, T, H, D = q.shape
         w = self.window
@@ -201,12 +238,7 @@ class LinearAttention(KeepFloat32):
         cur_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         k_all, v_all = torch.cat([wk, k], 1), torch.cat([wv, v], 1)  # (B, w+T, Hk, D)
         valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
-        # Keys leave the window w steps after they arrive: the linear state reads k_all shifted by w.
-        o_lin, state = self.rnn.scan(q, k_all[:, :T], v_all[:, :T], valid_all[:, :T], state, recurrent)
-        log_decay = self.rnn.log_decay()
-        if log_decay is not None:  # the shifted stream lags by w steps of decay
-            lag = torch.exp(log_decay.float() * w).repeat_interleave(H // self.num_kv_heads)  # (H,)
-            o_lin = o_lin * lag[None, None, :, None]
+        o_lin, state = self._evicted_scan(q, k_all, v_all, valid_all, state, recurrent)
         num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling)
         log_mix = self.log_mix.float()[None, None, :]  # (1, 1, H)
         lin_num, lin_den = o_lin[..., :-1], o_lin[..., -1]  # (B, T, H, D), (B, T, H)

@@ -155,3 +155,47 @@ def test_finetune_nan_rolls_back_and_is_reported(monkeypatch):
     assert [e["step"] for e in metrics.events] == [2] and "lower finetune.lr" in metrics.events[0]["hint"]
     assert metrics.steps == 6 and len(metrics.curve) == 6 and all(math.isfinite(v) for v in metrics.curve)
     assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+def test_evicted_readout_and_its_target_equal_explicit_weights():
+    """The linear part's own readout of the evicted keys, and the teacher's attention over them,
+    against the explicit quadratic references of attention_weights (window 5, learned decay)."""
+    from distill.pipeline.attention_weights import student_kernel, teacher_scores
+
+    model = _student(feature_map="hedgehog", window=5, decay="learned")
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 23, 4, 8, generator=g) * 2, torch.randn(2, 23, 2, 8, generator=g) * 2, torch.randn(2, 23, 2, 8, generator=g)
+    idx = torch.arange(5, 23)
+    lag = idx[:, None] - torch.arange(23)[None, :]
+    old = lag >= 5  # (n, T) keys that left the window
+    vh = v.repeat_interleave(2, dim=2)  # (B, T, H, D)
+    with torch.no_grad():
+        kappa = student_kernel(attn, q, k, idx) * old  # (B, H, n, T)
+        ref = torch.einsum("bhts,bshd->bthd", kappa, vh) / (kappa.sum(-1).transpose(1, 2)[..., None] + attn.eps)
+        torch.testing.assert_close(attn.evicted_readout(q, k, v), ref, atol=1e-5, rtol=1e-4)
+        p = torch.softmax(teacher_scores(attn, q, k, idx).masked_fill(~old, float("-inf")), -1)
+        torch.testing.assert_close(attn.teacher_evicted_attention(q, k, v), torch.einsum("bhts,bshd->bthd", p, vh), atol=1e-5, rtol=1e-4)
+
+
+def test_evicted_loss_trains_the_linear_part_toward_the_kv_cache_readout():
+    """With the term, the linear part's readout of the evicted keys ends closer to the teacher's
+    than the same training without it."""
+    after = {}
+    for weight in (0.0, 1.0):
+        model = _student(feature_map="hedgehog", window=4)
+        attn = model.model.layers[0].self_attn
+        x = model.model.embed_tokens(IDS[4:])
+        q, k, v, _ = transfer_mod.teacher_targets(attn, model.model.layers[0].input_layernorm(x), transfer_mod.position_embeddings(model, x), 2)
+        run_transfer(model, DATA, TransferConfig(steps=25, lr=0.02, evicted_weight=weight), _ctx())
+        with torch.no_grad():
+            after[weight] = float(transfer_mod.evicted_loss(attn, q, k, v))
+    assert after[1.0] < 0.8 * after[0.0]
+
+
+def test_evicted_weight_needs_a_window():
+    from distill.errors import DistillError
+    from distill.pipeline.run_config import load_run_config
+
+    with pytest.raises(DistillError, match="transfer.evicted_weight needs model.window > 0"):
+        load_run_config(None, ["model.window=0", "transfer.evicted_weight=1"])

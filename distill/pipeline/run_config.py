@@ -67,6 +67,9 @@ class TransferConfig:
     xent_weight: weight of the attention-weight cross-entropy (Hedgehog) added to the output
         MSE; 0 = MSE only.
     xent_queries: queries per sequence that enter the cross-entropy.
+    evicted_weight: weight of the out-of-window readout loss (hybrids only): the linear part
+        alone must reproduce the teacher's attention over the keys that have left the softmax
+        window, normalised over them (relative MSE per head, queries t ≥ window); 0 = off.
     inputs: ``teacher`` = each layer sees the teacher's hidden states; ``student`` = the hidden
         states of the already converted layers below it (closer to how the student runs).
     eval_sequences: held-out sequences on which the per-layer MSE before/after is measured.
@@ -79,12 +82,13 @@ class TransferConfig:
     lr: float = 1e-2
     xent_weight: float = 0.0
     xent_queries: int = 64
+    evicted_weight: float = 0.0
     inputs: str = "teacher"
     eval_sequences: int = 2
 
     def validate(self) -> None:
         _positive(self, "batch_size", "lr", "xent_queries")
-        _non_negative(self, "steps", "sequences", "xent_weight", "eval_sequences")
+        _non_negative(self, "steps", "sequences", "xent_weight", "evicted_weight", "eval_sequences")
         _choice(self, "inputs", TRANSFER_INPUTS)
 
 
@@ -184,6 +188,11 @@ class RunConfig:
             raise DistillError(f"heldout_tokens={self.heldout_tokens} is less than one sequence (seq_len={self.seq_len})")
         for section in (self.fit, self.transfer, self.finetune):
             section.validate()
+        if self.transfer.evicted_weight and not self.model.window:
+            raise DistillError(
+                "transfer.evicted_weight needs model.window > 0 (it trains the linear part on the keys that left the "
+                "softmax window); set model.window or transfer.evicted_weight=0"
+            )
         if self.transfer.xent_weight and self.model.recurrence != "linear":
             raise DistillError(
                 f"transfer.xent_weight needs model.recurrence=linear (explicit attention weights exist only for it), "

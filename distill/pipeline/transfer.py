@@ -89,6 +89,15 @@ def relative_mse(attn: LinearAttention, q, k, v, target, batch: int) -> tuple[fl
     return err / count, err / max(power, 1e-30)
 
 
+def evicted_loss(attn: LinearAttention, q, k, v) -> torch.Tensor:
+    """Relative MSE of the linear part's own readout of the evicted keys against the teacher's
+    attention over those keys (see :meth:`LinearAttention.evicted_readout`)."""
+    with torch.no_grad():
+        target = attn.teacher_evicted_attention(q, k, v).float()  # (B, T−w, H, D)
+    out = attn.evicted_readout(q, k, v)
+    return (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-30)
+
+
 def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None) -> dict:
     """Adam on the layer's new parameters; ``check()`` is the held-out loss that decides whether the
     final parameters are kept (see :meth:`GuardedSteps.finish`). Returns {curve, events}."""
@@ -108,6 +117,8 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
         event_fields={"stage": "transfer", "layer": attn.layer_idx},
     )
     idx = query_index(q.shape[1], cfg.xent_queries, start=attn.window, device=q.device)
+    sliding = attn.teacher_sliding_window
+    evicted = cfg.evicted_weight and attn.window and q.shape[1] > attn.window and (sliding is None or sliding > attn.window)
     curve = []
     for step in range(cfg.steps):
         rows = torch.randint(len(q), (min(cfg.batch_size, len(q)),), generator=generator).to(q.device)
@@ -118,6 +129,8 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
             with torch.no_grad():
                 scores = teacher_scores(attn, qb, kb, idx)
             loss = loss + cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
+        if evicted:
+            loss = loss + cfg.evicted_weight * evicted_loss(attn, qb, kb, vb)
         value = steps.step(loss, step)
         if value is None:
             if steps.exhausted:
