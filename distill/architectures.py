@@ -32,6 +32,10 @@ class Architecture:
         return model.model.rotary_emb
 
     @staticmethod
+    def final_norm(model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    @staticmethod
     def attention_prefix(layer_idx: int) -> str:
         """State-dict name prefix of layer ``layer_idx``'s attention module."""
         return f"model.layers.{layer_idx}.self_attn."

@@ -24,7 +24,7 @@ from .cache import RecurrentCache
 from .config import ConvertConfig
 from .errors import DistillError
 from .feature_maps import check_feature_map
-from .layer import LinearAttention
+from .layer import SHARED_MODULES, LinearAttention
 from .recurrence import check_recurrence
 from .rnn import RNNSpec
 
@@ -202,6 +202,25 @@ def convert_model(model: nn.Module, config: ConvertConfig | dict[str, Any] | Non
     total = len(get_architecture(model_type).decoder_layers(model))
     log.info("converted %d of %d attention layers (%s)", converted, total, cfg.feature_map)
     return model
+
+
+def restore_softmax(model: nn.Module, indices: list[int]) -> None:
+    """Give the converted layers ``indices`` of a converted model their teacher's softmax attention
+    back (a new module of the teacher's class over the same shared weights) and record them in
+    ``keep_softmax_layers``, so that save/load rebuilds the same mix."""
+    layers = get_architecture(model.config.model_type).decoder_layers(model)
+    for i in indices:
+        student = layers[i].self_attn
+        if not isinstance(student, LinearAttention):
+            raise DistillError(f"layer {i} is not a converted layer; nothing to restore")
+        attn = student.teacher_class(model.config, i)
+        for name in SHARED_MODULES:
+            if hasattr(student, name):
+                setattr(attn, name, getattr(student, name))
+        layers[i].self_attn = attn.to(device=student.q_proj.weight.device)
+    cfg = ConvertConfig.from_dict(model.config.distill)
+    cfg.keep_softmax_layers = sorted(set(cfg.keep_softmax_layers) | set(indices))
+    model.config.distill = cfg.to_dict()
 
 
 def is_converted(path: str | Path) -> bool:

@@ -37,6 +37,7 @@ from .fp32 import KeepFloat32
 from .rnn import LinearRNN, RNNSpec
 
 MODES = ("auto", "parallel", "recurrent", "teacher")
+SHARED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # the teacher's, not copies
 QUERY_BLOCK = 256  # queries per block in the windowed softmax
 NO_SCORE = -1e4  # shift floor for a query that sees no key (padding): keeps e^{s−m} at 0, not NaN
 
@@ -136,6 +137,7 @@ class LinearAttention(KeepFloat32):
         qk_norm: bool = False,
     ):
         super().__init__()
+        self.teacher_class = type(attn)  # to give the layer its softmax attention back (restore_softmax)
         self.layer_idx = layer_idx
         self.head_dim = attn.head_dim
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("fit", "transfer", "finetune")
+STAGES = ("fit", "transfer", "select", "finetune")
 ABOVE_STAGES = ("run", "command", "report", "checkpoint", *STAGES)
 
 

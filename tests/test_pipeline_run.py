@@ -401,3 +401,41 @@ def test_an_unsupported_gguf_is_refused_before_loading(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(DistillError, match="not a readable GGUF file"):
         load_model(str(tmp_path / "junk.gguf"))
+
+
+def test_long_range_nll_equals_the_models_own_loss(assets):
+    """All layers in student mode, one layer at a time, equals the whole model's forward."""
+    from distill import convert_model
+    from distill.models import load_model
+    from distill.pipeline.select import long_range_nll
+
+    model, _ = load_model(assets["model"])
+    convert_model(model, {"feature_map": "hedgehog", "window": 4})
+    ids = torch.randint(2, 30, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for mode, layers in (("parallel", {0, 1}), ("teacher", set())):
+            logits = model(ids, distill_mode=mode, use_cache=False).logits[:, 9:-1]
+            ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 10:].flatten())
+            assert long_range_nll(model, ids, layers, 10) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_auto_keep_softmax_selects_saves_and_resumes(assets, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(assets, "model.keep_softmax_layers=auto:1", "select.from_position=16", "finetune.enabled=false")
+    report = run_convert(assets["model"], out, cfg)
+    select = report["select"]
+    assert len(select["kept"]) == 1 and set(select["scores"]) == {"0", "1"}
+    assert select["kept"] == [max((0, 1), key=lambda i: select["scores"][str(i)])]
+    assert select["kept_kv_bytes"] * 2 == select["teacher_kv_bytes"] and select["state_bytes"] > 0
+    again = load_converted(out)
+    assert again.distill_config.keep_softmax_layers == select["kept"]
+    assert [r["layer"] for r in report["layers"]] == [i for i in (0, 1) if i not in select["kept"]]
+    # a resumed run re-applies the recorded choice and ends at the same model
+    (out / "model.safetensors").unlink()
+    manifest = json.loads((out / "state" / "manifest.json").read_text())
+    manifest["entries"] = {k: v for k, v in manifest["entries"].items() if k not in ("student_eval", "model")}
+    (out / "state" / "manifest.json").write_text(json.dumps(manifest))
+    resumed = run_convert(assets["model"], out, cfg, resume=True)
+    assert resumed["student_ppl"] == report["student_ppl"] and resumed["select"]["kept"] == select["kept"]
+    with pytest.raises(DistillError, match="must be less than the 2 converted layers"):
+        run_convert(assets["model"], tmp_path / "bad", _cfg(assets, "model.keep_softmax_layers=auto:2", "select.from_position=16"))

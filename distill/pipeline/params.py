@@ -11,10 +11,9 @@ from torch import nn
 
 from ..architectures import get_architecture
 from ..errors import DistillError
+from ..layer import SHARED_MODULES as SHARED
 from ..layer import LinearAttention
 from .layerwise import decoder_layers
-
-SHARED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 
 def converted_layers(model: nn.Module) -> list[int]:

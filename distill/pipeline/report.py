@@ -7,7 +7,8 @@ transfer_mse_after — relative MSE, i.e. divided by the mean square of the teac
 the absolute MSEs, and per-head fit metrics under ``heads``), events (NaN rollbacks),
 finetune_ppl_curve (held-out perplexity against finetune tokens), teacher_mode (what the saved
 model's ``distill_mode="teacher"`` computes: after a LoRA finetune the merged q/k/v/o are no longer
-the teacher's), model, config.
+the teacher's), select (with ``select.keep_softmax``/``auto:K``: per-layer scores, the layers
+kept as softmax and the memory they cost), model, config.
 """
 from __future__ import annotations
 
@@ -84,6 +85,21 @@ def markdown(report: dict) -> str:
             f"{_fmt(r['attn_kl_init'])} → {_fmt(r['attn_kl'])} | "
             f"{_fmt(r['transfer_mse_before'])} → {_fmt(r['transfer_mse_after'])} |"
         )
+    select = report.get("select")
+    if select:
+        mib = 2**20
+        lines += [
+            "",
+            "## Layers kept as softmax (select)",
+            "",
+            f"Kept: {select['kept']} (the highest long-range loss increase when only that layer is converted). "
+            f"Memory at {select['context']} tokens: recurrent state {select['state_bytes'] / mib:.2f} MiB + kept KV cache "
+            f"{select['kept_kv_bytes'] / mib:.2f} MiB vs the teacher's KV cache {select['teacher_kv_bytes'] / mib:.2f} MiB.",
+            "",
+            "| layer | score (nats/token) |",
+            "|---|---|",
+        ]
+        lines += [f"| {layer} | {score:.4f} |" for layer, score in sorted(select["scores"].items(), key=lambda kv: int(kv[0]))]
     if report.get("teacher_mode"):
         lines += ["", f"Teacher mode of the saved model: {report['teacher_mode']}"]
     if report.get("finetune_ppl_curve"):

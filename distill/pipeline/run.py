@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from .params import SHARED, converted_layers
 from .perplexity import perplexity
 from .report import merge_layers, write_report
 from .run_config import RunConfig, dump_run_config
+from .select import run_select
 from .train import StageContext, prepare_new_parameters
 from .transfer import run_transfer
 
@@ -187,6 +189,11 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
         timer.add("transfer", time.time() - start + restored)
         last_stage = "transfer"
 
+    selected = None
+    if cfg.select.keep_softmax:
+        selected = run_select(model, data, cfg.select, ctx)
+        timer.add("select", selected.seconds)
+
     finetuned = None
     if cfg.finetune.enabled and cfg.finetune.steps:
         finetuned = run_finetune(model, data, cfg.finetune, ctx, batch)
@@ -227,6 +234,7 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
         "layers": merge_layers(converted, fit_layers, transfer_layers),
         "events": events,
         "finetune_ppl_curve": finetuned.ppl_curve if finetuned else [],
+        "select": asdict(selected) if selected else None,
         "teacher_mode": TEACHER_MODE_AFTER_FINETUNE
         if finetuned and set(cfg.finetune.targets) & set(SHARED)
         else "the teacher's own attention",

@@ -93,6 +93,27 @@ class TransferConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Between transfer and finetune (optional): keep as softmax the layers whose linearisation
+    hurts long-range prediction most. ``model.keep_softmax_layers: auto:K`` is a shorthand for
+    ``select.keep_softmax: K``.
+
+    keep_softmax: how many converted layers go back to the teacher's softmax attention (0 = off).
+    sequences: held-out sequences on which each layer is scored.
+    from_position: only next-token losses at this position or later count (long-range), so a
+        layer is judged by what its linear part must carry beyond the window.
+    """
+
+    keep_softmax: int = 0
+    sequences: int = 2
+    from_position: int = 256
+
+    def validate(self) -> None:
+        _non_negative(self, "keep_softmax", "from_position")
+        _positive(self, "sequences")
+
+
+@dataclass
 class FinetuneConfig:
     """Stage 3 (optional): LoRA on the attention projections, trained on KL to the teacher's logits.
 
@@ -174,6 +195,7 @@ class RunConfig:
     threads: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
@@ -186,8 +208,15 @@ class RunConfig:
             raise DistillError(f"calib_tokens={self.calib_tokens} is less than one sequence (seq_len={self.seq_len})")
         if self.heldout_tokens < self.seq_len:
             raise DistillError(f"heldout_tokens={self.heldout_tokens} is less than one sequence (seq_len={self.seq_len})")
-        for section in (self.fit, self.transfer, self.finetune):
+        for section in (self.fit, self.transfer, self.select, self.finetune):
             section.validate()
+        if self.select.keep_softmax and self.model.keep_softmax_layers:
+            raise DistillError("give model.keep_softmax_layers as a list or select.keep_softmax (auto:K), not both")
+        if self.select.keep_softmax and self.select.from_position >= self.seq_len:
+            raise DistillError(
+                f"select.from_position={self.select.from_position} leaves no position to score in sequences of "
+                f"seq_len={self.seq_len}; lower it"
+            )
         if self.transfer.evicted_weight and not self.model.window:
             raise DistillError(
                 "transfer.evicted_weight needs model.window > 0 (it trains the linear part on the keys that left the "
@@ -215,7 +244,14 @@ class RunConfig:
         return _build(cls, data, "")
 
 
-SECTIONS: dict[str, type] = {"model": ConvertConfig, "fit": FitConfig, "transfer": TransferConfig, "finetune": FinetuneConfig}
+SECTIONS: dict[str, type] = {
+    "model": ConvertConfig,
+    "fit": FitConfig,
+    "transfer": TransferConfig,
+    "select": SelectConfig,
+    "finetune": FinetuneConfig,
+}
+AUTO_KEEP = re.compile(r"^auto:(-?\d+)$")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -255,6 +291,9 @@ def _build(cls: type, data: Any, where: str):
         raise DistillError(f"config section {where or 'top level'} must be a mapping, got {data!r}")
     values = check_keys(cls, data, where or "the config")
     hints = typing.get_type_hints(cls)
+    model = values.get("model")
+    if cls is RunConfig and isinstance(model, dict) and isinstance(model.get("keep_softmax_layers"), str):
+        values["model"] = _auto_keep(model, values)
     for name, value in list(values.items()):
         key = f"{where}.{name}" if where else name
         if name in SECTIONS and cls is RunConfig:
@@ -304,6 +343,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise DistillError(f"config key {key} must be {name}, got {value!r}")
 
 
+def _auto_keep(model: dict, values: dict) -> dict:
+    """``model.keep_softmax_layers: auto:K`` -> ``select.keep_softmax: K`` (the layers are then
+    chosen by measurement, see :class:`SelectConfig`)."""
+    text = model["keep_softmax_layers"]
+    match = AUTO_KEEP.match(text.strip())
+    if not match:
+        raise DistillError(f"model.keep_softmax_layers must be a list of layer indices or auto:K, got {text!r}")
+    select = dict(values.get("select") or {})
+    select["keep_softmax"] = int(match.group(1))
+    values["select"] = select
+    return {k: v for k, v in model.items() if k != "keep_softmax_layers"}
+
+
 def _positive(obj, *names: str) -> None:
     for name in names:
         if not getattr(obj, name) > 0:
@@ -322,7 +374,7 @@ def _choice(obj, name: str, choices: tuple[str, ...]) -> None:
 
 
 def _where(obj) -> str:
-    names = {FitConfig: "fit.", TransferConfig: "transfer.", FinetuneConfig: "finetune."}
+    names = {FitConfig: "fit.", TransferConfig: "transfer.", SelectConfig: "select.", FinetuneConfig: "finetune."}
     return names.get(type(obj), "")
 
 
