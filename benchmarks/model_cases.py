@@ -244,3 +244,38 @@ def memory(ctx: Context) -> Result:
         ],
         plots=[plot],
     )
+
+
+@case("recurrences")
+def recurrences(ctx: Context) -> Result:
+    """Decode step and prefill of the demo student's architecture under every registered
+    recurrence, side by side in one process, as ratios to ``linear`` (issue: ≤ 1.2x)."""
+    from distill.recurrence import RECURRENCES
+
+    t = teacher(ctx)
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    n = 512 if ctx.quick else 2048
+    x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+    rows = []
+    for name in sorted(RECURRENCES, key=lambda r: (r != "linear", r)):
+        s = convert_model(copy.deepcopy(t), ConvertConfig(feature_map="hedgehog", window=64, recurrence=name)).eval()
+        if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):  # correctness first
+            raise AssertionError(f"{name}: cached generate differs from uncached")
+        cache = _student_cache(s, 8192)
+        step_ms = _decode_latency(s, cache, 8192, 6 if ctx.quick else 12) * 1e3
+        with torch.no_grad():
+            prefill_s = median_time(lambda: s(x, use_cache=True, logits_to_keep=1), repeats=3)
+        rows.append({"recurrence": name, "decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20})
+        del s, cache
+    base = rows[0]
+    for r in rows:
+        r["decode/linear"] = r["decode_ms_per_token"] / base["decode_ms_per_token"]
+        r["prefill_time/linear"] = base["prefill_tok_per_s"] / r["prefill_tok_per_s"]
+    return Result(
+        rows,
+        notes=[
+            "Demo model, hedgehog + 64-token window, untrained gates (speed does not depend on the weights).",
+            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {n} "
+            f"tokens; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
+        ],
+    )
