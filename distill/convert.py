@@ -23,6 +23,7 @@ from .architectures import ARCHITECTURES, PREFIX, base_model_type, get_architect
 from .cache import RecurrentCache
 from .config import ConvertConfig
 from .errors import DistillError
+from .files import atomic_write_text
 from .feature_maps import check_feature_map
 from .layer import SHARED_MODULES, LinearAttention
 from .recurrence import check_recurrence
@@ -31,6 +32,13 @@ from .rnn import RNNSpec
 log = logging.getLogger(__name__)
 
 _CLASSES: dict[str, tuple[type, type]] = {}
+
+REMOTE_MODULE = "modeling_distill"
+REMOTE_CODE = '''"""Loads this converted folder with the installed distill package (no code of its own)."""
+from distill.convert import distill_classes
+
+DistillConfig, DistillForCausalLM = distill_classes("{model_type}")
+'''
 
 
 class DistillMixin:
@@ -78,8 +86,13 @@ class DistillMixin:
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, tokenizer=None, **kwargs):
-        """Hugging Face ``save_pretrained`` (safetensors), plus the tokenizer when one is given."""
+        """Hugging Face ``save_pretrained`` (safetensors), plus the tokenizer when one is given, and
+        a two-line ``modeling_distill.py`` named in ``auto_map`` that imports the installed distill
+        package, so that tools which only know ``trust_remote_code=True`` (the lm_eval command line)
+        load the folder too. No code is copied; after ``import distill.convert`` no remote code runs."""
+        self.config.auto_map = {"AutoConfig": f"{REMOTE_MODULE}.DistillConfig", "AutoModelForCausalLM": f"{REMOTE_MODULE}.DistillForCausalLM"}
         super().save_pretrained(save_directory, *args, **kwargs)
+        atomic_write_text(Path(save_directory) / f"{REMOTE_MODULE}.py", REMOTE_CODE.format(model_type=self.config.model_type))
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
 
