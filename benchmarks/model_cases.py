@@ -264,7 +264,7 @@ def recurrences(ctx: Context) -> Result:
         cache = _student_cache(s, 8192)
         step_ms = _decode_latency(s, cache, 8192, 6 if ctx.quick else 12) * 1e3
         with torch.no_grad():
-            prefill_s = median_time(lambda: s(x, use_cache=True, logits_to_keep=1), repeats=3)
+            prefill_s = median_time(lambda model=s: model(x, use_cache=True, logits_to_keep=1), repeats=3)
         rows.append({"recurrence": name, "decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20})
         del s, cache
     base = rows[0]

@@ -26,15 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F_
 
-
-def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _initial(initial_state, B, Hk, F, Dv, dtype, device) -> torch.Tensor:
-    if initial_state is None:
-        return torch.zeros(B, Hk, F, Dv, dtype=dtype, device=device)
-    return initial_state.to(dtype)
+from .state import compute_dtype as _compute_dtype
+from .state import initial_state_or_zeros as _initial
 
 
 def naive_delta_rule(

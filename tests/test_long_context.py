@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill import ConvertConfig, convert_model
 from distill.cli import build_parser, main
@@ -23,18 +22,9 @@ from distill.errors import DistillError
 from distill.eval import long_ppl, passkey, runner
 from distill.eval.long_context import LongContextOptions, section
 from distill.eval.passkey import INTRO, NEEDLE, QUESTION, PasskeyOptions
+from test_eval import tiny_tokenizer  # one token per byte (+ <eos>): the worst case for hitting a length
 
 POSITIONS = 2048
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (the worst case for hitting a length: words cost 3-8 tokens) + ``<eos>``."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)  # 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -60,7 +50,7 @@ def count(tok, text: str) -> int:
 def folders(tmp_path_factory):
     """A saved teacher and its converted student (both with the byte tokenizer), and a text file."""
     root = tmp_path_factory.mktemp("long")
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer()
     tiny_llama().save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
     hybrid_student().save_pretrained(root / "student", tokenizer=tok)
@@ -76,7 +66,7 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("length", [400, 777, 1500])
 @pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_prompt_length_and_key_depth(length, depth):
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer()
     doc = passkey.build_prompt(tok, length, depth, "48213", offset=2)
     prompt, needle = doc["prompt"], " " + NEEDLE.format(key="48213")
     assert doc["n_tokens"] == count(tok, prompt) and abs(doc["n_tokens"] - length) <= 5
@@ -96,7 +86,7 @@ def test_prompt_length_and_key_depth(length, depth):
 
 
 def test_prompts_are_seeded():
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer()
     options = PasskeyOptions(lengths=(300, 500), depths=(0, 0.5, 1), trials=2, seed=3)
     docs = passkey.build_docs(tok, options, POSITIONS)
     assert docs == passkey.build_docs(tok, options, POSITIONS)
@@ -114,7 +104,7 @@ def test_lengths_capped_at_positions_and_above_is_an_error():
     with pytest.raises(DistillError, match=r"4096 is above the model's max_position_embeddings \(2048\)"):
         passkey.resolve_lengths(PasskeyOptions(lengths=(512, 4096)), 2048)
     with pytest.raises(DistillError, match="too short"):
-        passkey.build_prompt(byte_tokenizer(), 100, 0.5, "12345")
+        passkey.build_prompt(tiny_tokenizer(), 100, 0.5, "12345")
     with pytest.raises(DistillError, match="depths"):
         PasskeyOptions(depths=(0.5, 1.5))
 
@@ -191,7 +181,7 @@ def test_token_losses_and_buckets_match_direct_computation(make):
 
 
 def test_long_ppl_on_a_text_file(folders):
-    tok = byte_tokenizer()
+    tok = tiny_tokenizer()
     out = long_ppl.evaluate(tiny_llama(), tok, long_ppl.LongPplOptions(tokens=500, docs=3, text=str(folders / "text.txt")))
     detail = out["long_ppl"]
     assert detail["window_tokens"] == 500 and len(detail["windows"]) == 3  # consecutive windows of the one document
