@@ -253,7 +253,7 @@ def _converted(path):
     [
         (lambda a, t: ["convert", str(t / "missing"), "--out", str(t / "o")], "does not exist"),
         (lambda a, t: ["convert", str(t / "missing.gguf"), "--out", str(t / "o")], "GGUF file .* does not exist"),
-        (lambda a, t: ["convert", str(_gguf(t / "rwkv.gguf")), "--out", str(t / "o")], "architecture rwkv6 is not supported"),
+        (lambda a, t: ["convert", str(_gguf(t / "rwkv.gguf")), "--out", str(t / "o")], "model_type .rwkv6. is not supported; supported: llama"),
         (lambda a, t: ["convert", str(_not_causal(t / "t5")), "--out", str(t / "o")], "cannot load .* as a causal LM"),
         (lambda a, t: ["convert", str(_unsupported(t / "gpt2")), "--out", str(t / "o"), f"data={a['data']}"], "model_type 'gpt2' is not supported"),
         (lambda a, t: ["convert", a["model"], "--out", str(t / "o"), "transfer.stepz=1"], "unknown config key stepz"),
@@ -373,26 +373,12 @@ def test_a_non_finite_student_is_never_saved_and_exits_1(assets, tmp_path, capsy
     assert all(bool(torch.isfinite(t).all()) for t in _weights(out).values())
 
 
-def _tiny_gguf(path, arch: str):
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_an_unsupported_gguf_is_refused_before_loading(tmp_path):
     import time
 
     from distill.models import gguf_architecture, load_model
 
-    path = _tiny_gguf(tmp_path / "tiny.gguf", "gemma3")
+    path = _gguf(tmp_path / "tiny.gguf", "gemma3")
     assert gguf_architecture(path) == "gemma3"
     start = time.time()
     with pytest.raises(DistillError, match="model_type 'gemma3' is not supported; supported: llama, mistral, qwen2, qwen3"):
