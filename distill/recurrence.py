@@ -28,8 +28,6 @@ or load from ``"package.module:ClassName"``.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -41,9 +39,7 @@ import distill_kernels as ops
 from .errors import DistillError
 from .feature_maps import FeatureMap
 from .fp32 import KeepFloat32
-
-RECURRENCES: dict[str, type["Recurrence"]] = {}
-
+from .registry import Registry
 
 class Recurrence(KeepFloat32):
     """Base class: owns the recurrence's own parameters (gates, β) and runs the scan.
@@ -73,43 +69,15 @@ class Recurrence(KeepFloat32):
         """Raise :class:`DistillError` if ``kwargs`` are not valid options of this recurrence."""
 
 
-def register_recurrence(name: str):
-    """Class decorator: ``@register_recurrence("mine")`` makes ``recurrence="mine"`` work."""
-
-    def wrap(cls: type[Recurrence]) -> type[Recurrence]:
-        if name in RECURRENCES:
-            raise ValueError(f"recurrence {name!r} is already registered (by {RECURRENCES[name].__qualname__})")
-        if not (inspect.isclass(cls) and issubclass(cls, Recurrence)):
-            raise TypeError(f"{cls!r} must subclass distill.recurrence.Recurrence")
-        RECURRENCES[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
+_REGISTRY: Registry = Registry("recurrence", Recurrence, "distill.recurrence.Recurrence", ("head_dim", "num_kv_heads", "feature_dim"))
+RECURRENCES: dict[str, type[Recurrence]] = _REGISTRY.classes
+register_recurrence = _REGISTRY.register  # ``@register_recurrence("mine")`` makes ``recurrence="mine"`` work
 
 
 def check_recurrence(name: str, kwargs: dict[str, Any]) -> type[Recurrence]:
     """Resolve ``name`` (registered, or ``"package.module:ClassName"``) and check ``kwargs``."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise DistillError(f"cannot load recurrence {name!r} ({err}); check the module:Class path") from None
-        if not (inspect.isclass(cls) and issubclass(cls, Recurrence)):
-            raise DistillError(f"recurrence {name!r} must be a subclass of distill.recurrence.Recurrence")
-    elif name in RECURRENCES:
-        cls = RECURRENCES[name]
-    else:
-        raise DistillError(
-            f"unknown recurrence {name!r}; registered: {', '.join(sorted(RECURRENCES))} (or give 'package.module:ClassName')"
-        )
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head_dim", "num_kv_heads", "feature_dim"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise DistillError(
-            f"recurrence {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}"
-        )
+    cls = _REGISTRY.resolve(name)
+    _REGISTRY.check_options(name, cls, kwargs)
     cls.check(**kwargs)
     return cls
 

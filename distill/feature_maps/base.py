@@ -5,8 +5,6 @@ softmax kernel exp(q·k/√d). Queries have ``num_heads`` heads, keys ``num_kv_h
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -14,10 +12,7 @@ from torch import nn
 
 import distill_kernels as ops
 
-from ..errors import DistillError
-
-FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
-
+from ..registry import Registry
 
 class FeatureMap(nn.Module):
     """Base class. Subclasses set ``self.feature_dim`` and implement :meth:`phi_q` / :meth:`phi_k`.
@@ -60,50 +55,17 @@ class FeatureMap(nn.Module):
         """Project the parameters back inside the map's constraints (after each optimizer step)."""
 
 
-def register_feature_map(name: str):
-    """Class decorator: ``@register_feature_map("mine")`` makes ``feature_map="mine"`` work."""
-
-    def wrap(cls: type[FeatureMap]) -> type[FeatureMap]:
-        if name in FEATURE_MAPS:
-            raise ValueError(f"feature map {name!r} is already registered (by {FEATURE_MAPS[name].__qualname__})")
-        if not (inspect.isclass(cls) and issubclass(cls, FeatureMap)):
-            raise TypeError(f"{cls!r} must subclass distill.feature_maps.FeatureMap")
-        FEATURE_MAPS[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
-
-
-def resolve_feature_map(name: str) -> type[FeatureMap]:
-    """A registered name, or ``"package.module:ClassName"``."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise DistillError(f"cannot load feature map {name!r} ({err}); check the module:Class path") from None
-        if not (inspect.isclass(cls) and issubclass(cls, FeatureMap)):
-            raise DistillError(f"feature map {name!r} must be a subclass of distill.feature_maps.FeatureMap")
-        return cls
-    if name not in FEATURE_MAPS:
-        raise DistillError(
-            f"unknown feature map {name!r}; registered: {', '.join(sorted(FEATURE_MAPS))} "
-            "(or give 'package.module:ClassName')"
-        )
-    return FEATURE_MAPS[name]
+_REGISTRY: Registry = Registry("feature map", FeatureMap, "distill.feature_maps.FeatureMap", ("head_dim", "num_heads", "num_kv_heads"))
+FEATURE_MAPS: dict[str, type[FeatureMap]] = _REGISTRY.classes
+register_feature_map = _REGISTRY.register  # ``@register_feature_map("mine")`` makes ``feature_map="mine"`` work
+resolve_feature_map = _REGISTRY.resolve  # a registered name, or ``"package.module:ClassName"``
 
 
 def check_feature_map(name: str, kwargs: dict[str, Any], head_dim: int) -> type[FeatureMap]:
     """Resolve ``name`` and check that the map takes ``kwargs`` and can serve ``head_dim``; returns
     the class. The one place a feature-map choice is validated (conversion calls it once)."""
     cls = resolve_feature_map(name)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "head_dim", "num_heads", "num_kv_heads"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise DistillError(
-            f"feature map {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(sorted(accepted)) or 'nothing'}"
-        )
+    _REGISTRY.check_options(name, cls, kwargs)
     cls.check(head_dim, **kwargs)
     return cls
 
