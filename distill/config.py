@@ -10,6 +10,7 @@ import yaml
 from .errors import DistillError
 
 DECAYS = ("none", "fixed", "learned")
+SLIDING_LAYERS = ("convert", "keep")
 DTYPES = ("float32", "bfloat16", "float16")  # weight dtypes a run or an eval may use
 
 
@@ -30,6 +31,10 @@ class ConvertConfig:
         ``"package.module:ClassName"`` (see :mod:`distill.recurrence`).
     recurrence_kwargs: options of the recurrence (e.g. ``{gate_rank: 16}`` for gla).
     keep_softmax_layers: layer indices that keep the teacher's softmax attention.
+    sliding_layers: what happens to the teacher's own sliding-window layers (Mistral's
+        ``sliding_window``, the ``sliding_attention`` layers of Qwen2, Gemma 2/3, SmolLM3):
+        ``convert`` (default, as every other layer) or ``keep`` (they keep their softmax
+        attention, whose KV cache is already bounded by the window, like ``keep_softmax_layers``).
     eps: added to the normaliser.
     """
 
@@ -42,6 +47,7 @@ class ConvertConfig:
     recurrence_kwargs: dict[str, Any] = field(default_factory=dict)
     keep_softmax_layers: list[int] = field(default_factory=list)
     eps: float = 1e-6
+    sliding_layers: str = "convert"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,6 +67,8 @@ class ConvertConfig:
             raise DistillError("recurrence_kwargs must be a mapping, e.g. {gate_rank: 16}")
         if self.decay not in DECAYS:
             raise DistillError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if self.sliding_layers not in SLIDING_LAYERS:
+            raise DistillError(f"sliding_layers must be one of {', '.join(SLIDING_LAYERS)}, got {self.sliding_layers!r}")
         if not self.eps > 0:
             raise DistillError(f"eps must be > 0, got {self.eps!r}")
         layers = list(self.keep_softmax_layers)

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -54,8 +55,16 @@ class DistillMixin:
         return ConvertConfig.from_dict(self.config.distill)
 
     def new_cache(self) -> RecurrentCache:
-        layers = get_architecture(self.config.model_type).decoder_layers(self)
-        return RecurrentCache([isinstance(layer.self_attn, LinearAttention) for layer in layers])
+        """Recurrent states for converted layers; a KV cache for softmax ones, holding only the
+        last window of keys where the teacher's layer slides (as the teacher's own cache does)."""
+        arch = get_architecture(self.config.model_type)
+        layers = arch.decoder_layers(self)
+        cache = RecurrentCache([isinstance(layer.self_attn, LinearAttention) for layer in layers])
+        for i, layer in enumerate(layers):
+            window = arch.teacher_sliding_window(self.config, i)
+            if window and not isinstance(layer.self_attn, LinearAttention):
+                cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=window)
+        return cache
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None, distill_mode=None, **kwargs
@@ -150,16 +159,29 @@ def check_convertible(model: nn.Module, cfg: ConvertConfig) -> RNNSpec:
 
 
 def _layer_spec(model: nn.Module, cfg: ConvertConfig) -> RNNSpec:
-    layers = get_architecture(model.config.model_type).decoder_layers(model)
+    arch = get_architecture(model.config.model_type)
+    layers = arch.decoder_layers(model)
     bad = [i for i in cfg.keep_softmax_layers if not 0 <= i < len(layers)]
     if bad:
         raise DistillError(
             f"keep_softmax_layers has index {bad[0]} but the model has {len(layers)} layers (0..{len(layers) - 1})"
         )
+    arch.check(model.config, layers)
     head_dim = layers[0].self_attn.head_dim
     map_cls = check_feature_map(cfg.feature_map, cfg.feature_map_kwargs, head_dim)
     recurrence_cls = check_recurrence(cfg.recurrence, cfg.recurrence_kwargs)
     return RNNSpec(map_cls, dict(cfg.feature_map_kwargs), cfg.decay, recurrence_cls, dict(cfg.recurrence_kwargs))
+
+
+def softmax_layers(model: nn.Module, cfg: ConvertConfig) -> list[int]:
+    """Layers that keep the teacher's softmax attention: ``keep_softmax_layers``, plus the
+    teacher's sliding-window layers (already O(window) per token) when ``sliding_layers: keep``."""
+    arch = get_architecture(model.config.model_type)
+    kept = set(cfg.keep_softmax_layers)
+    if cfg.sliding_layers == "keep":
+        count = len(arch.decoder_layers(model))
+        kept |= {i for i in range(count) if arch.teacher_sliding_window(model.config, i)}
+    return sorted(kept)
 
 
 def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> dict[int, LinearAttention]:
@@ -167,9 +189,10 @@ def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> 
     arch = get_architecture(model.config.model_type)
     config = model.config
     layers = arch.decoder_layers(model)
+    kept = set(softmax_layers(model, cfg))
     built = {}
     for i, layer in enumerate(layers):
-        if i in cfg.keep_softmax_layers:
+        if i in kept:
             continue
         attn = layer.self_attn
         module = LinearAttention(
@@ -181,10 +204,9 @@ def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> 
             depth=cfg.depth,
             window=cfg.window,
             eps=cfg.eps,
-            teacher_sliding_window=arch.teacher_sliding_window(config, i),
-            qk_norm=arch.qk_norm,
+            **arch.layer_options(config, i),
         )
-        ref = attn.q_proj.weight
+        ref = attn.o_proj.weight
         built[i] = module.to(device=ref.device, dtype=ref.dtype)
     return built
 
@@ -230,7 +252,7 @@ def restore_softmax(model: nn.Module, indices: list[int]) -> None:
         for name in SHARED_MODULES:
             if hasattr(student, name):
                 setattr(attn, name, getattr(student, name))
-        layers[i].self_attn = attn.to(device=student.q_proj.weight.device)
+        layers[i].self_attn = attn.to(device=student.o_proj.weight.device)
     cfg = ConvertConfig.from_dict(model.config.distill)
     cfg.keep_softmax_layers = sorted(set(cfg.keep_softmax_layers) | set(indices))
     model.config.distill = cfg.to_dict()

@@ -1,14 +1,16 @@
 """The replacement for one softmax attention layer: stacked linear-RNN sublayers.
 
-Sublayer 1 reuses the teacher's q/k/v/o projections, q/k norms, RoPE and GQA (the modules are
-shared, not copied). With queries q_t, keys k_s and values v_s after RoPE:
+Sublayer 1 reuses the teacher's q/k/v/o projections (or its fused qkv projection), q/k norms,
+RoPE and GQA (the modules are shared, not copied). With queries q_t, keys k_s and values v_s
+after RoPE:
 
     window = 0:   y_t = φ(q_t)ᵀS_t / (φ(q_t)ᵀz_t + ε)        (normalised causal linear attention)
     window = w:   y_t = (Σ_{t-w<s≤t} e^{s_ts − m_t} v_s + e^{log g_h − m_t} φ(q_t)ᵀS_{t−w})
                         / (Σ_{t-w<s≤t} e^{s_ts − m_t}     + e^{log g_h − m_t} φ(q_t)ᵀz_{t−w} + ε)
 
-where s_ts = q_t·k_s/√d, S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a
-learned per-head mixing factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is
+where s_ts = q_t·k_s·scale (the teacher's scale, capped as c·tanh(s/c) where the teacher
+soft-caps its attention logits, Gemma 2; the linear part then approximates the capped scores),
+S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a learned per-head mixing factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is
 the larger of the window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two
 parts is 1: the denominator is then at least 1, ε never dominates, and no factor overflows
 (e^{log g − m} is computed as one exponent). A per-kv-head decay γ multiplies S and z at each
@@ -30,14 +32,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache import RecurrentLayer
 from .fp32 import KeepFloat32
 from .rnn import LinearRNN, RNNSpec
 
 MODES = ("auto", "parallel", "recurrent", "teacher")
-SHARED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")  # the teacher's, not copies
+SHARED_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm")  # the teacher's, not copies
 QUERY_BLOCK = 256  # queries per block in the windowed softmax
 NO_SCORE = -1e4  # shift floor for a query that sees no key (padding): keeps e^{s−m} at 0, not NaN
 
@@ -61,6 +62,43 @@ class StackSublayer(nn.Module):
         return x + torch.einsum("bthd,hde->bthe", u, self.w_o.float()), state
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x [B,T,H,D], cos/sin [B|1,T,R] -> [B,T,H,D]. With R < D (partial rotary,
+    Phi-3's ``partial_rotary_factor``) only the first R channels turn; the rest pass through."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, R)
+    R = cos.shape[-1]
+    if R == x.shape[-1]:
+        return ((x * cos) + (rotate_half(x) * sin)).to(x.dtype)
+    turned, rest = x[..., :R], x[..., R:]
+    return torch.cat([(turned * cos) + (rotate_half(turned) * sin), rest], dim=-1).to(x.dtype)
+
+
+def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention-logit soft-capping (Gemma 2): s -> c·tanh(s/c); identity when ``softcap`` is None."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
+def softmax_attention(q, k, v, mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Masked softmax attention: q [B,T,H,D], k/v [B,S,Hk,D], mask bool [B|1,1,T,S] (True = visible)
+    -> y [B,T,H,D]. SDPA when the scores are not capped; else the plain quadratic form, with the
+    softmax in fp32 as the teacher's eager attention does."""
+    if softcap is None:
+        y = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scaling, enable_gqa=True
+        )  # (B, H, T, D)
+        return y.transpose(1, 2)
+    G = q.shape[2] // k.shape[2]
+    kh, vh = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)  # (B, S, H, D)
+    scores = cap_scores(torch.einsum("bthd,bshd->bhts", q, kh) * scaling, softcap)  # (B, H, T, S)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+    return torch.einsum("bhts,bshd->bthd", weights, vh)
+
+
 def teacher_mask(T: int, valid: torch.Tensor | None, sliding_window: int | None, device) -> torch.Tensor:
     """Boolean [B|1, 1, T, T]: causal, inside the teacher's sliding window, and not padding.
     Each query always sees itself so that padded rows stay finite."""
@@ -75,11 +113,11 @@ def teacher_mask(T: int, valid: torch.Tensor | None, sliding_window: int | None,
     return mask
 
 
-def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
+def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float, softcap: float | None = None):
     """Unnormalised softmax over a sliding window.
 
     q [B,T,H,D]; k_all, v_all [B,w+T,Hk,D]; valid_all [B,w+T]. Query t sees k_all[t+1 : t+w+1]
-    (itself and the w−1 keys before it). Returns num [B,T,H,D], den [B,T,H] and the shift
+    (itself and the w−1 keys before it). Scores are capped as the teacher caps them (``softcap``). Returns num [B,T,H,D], den [B,T,H] and the shift
     m [B,T,H] = the largest visible score (``NO_SCORE`` if none), with num/den = Σ e^{s−m}(v, 1).
     """
     B, T, H, D = q.shape
@@ -87,7 +125,7 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
     if T == 1:  # decoding: the one query sees all w keys; no block loop, no position mask
         qg = q.float().reshape(B, Hk, H // Hk, D)  # (B, Hk, G, D)
         kw, vw = k_all[:, 1:].float(), v_all[:, 1:].float()  # (B, w, Hk, D)
-        scores = torch.einsum("bigd,bsid->bigs", qg, kw) * scaling  # (B, Hk, G, w)
+        scores = cap_scores(torch.einsum("bigd,bsid->bigs", qg, kw) * scaling, softcap)  # (B, Hk, G, w)
         scores = scores.masked_fill(~valid_all[:, None, None, 1:], float("-inf"))
         m = scores.amax(dim=-1).clamp(min=NO_SCORE)  # (B, Hk, G)
         e = torch.exp(scores - m[..., None])
@@ -98,7 +136,7 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float):
         b = min(T, a + QUERY_BLOCK)
         qb = q[:, a:b].float().reshape(B, b - a, Hk, H // Hk, D)  # (B, n, Hk, G, D)
         kb, vb = k_all[:, a + 1 : b + window].float(), v_all[:, a + 1 : b + window].float()  # (B, n+w-1, Hk, D)
-        scores = torch.einsum("btigd,bsid->bigts", qb, kb) * scaling  # (B, Hk, G, n, n+w-1)
+        scores = cap_scores(torch.einsum("btigd,bsid->bigts", qb, kb) * scaling, softcap)  # (B, Hk, G, n, n+w-1)
         rel = torch.arange(kb.shape[1], device=q.device)[None, :] - torch.arange(b - a, device=q.device)[:, None]
         visible = (rel >= 0) & (rel < window)  # (n, n+w-1)
         visible = visible[None, None, None] & valid_all[:, None, None, None, a + 1 : b + window]
@@ -116,8 +154,13 @@ class LinearAttention(KeepFloat32):
 
     attn: the teacher's attention module (its projections and q/k norms are shared, not copied);
     rnn: each sublayer's feature map and decay; depth: sublayers; window: the student's exact
-    softmax window (0 = pure linear); teacher_sliding_window: the teacher's own sliding window for
-    this layer (None = full causal attention); qk_norm: whether ``attn`` has q/k norms.
+    softmax window (0 = pure linear). The rest are the family's facts for this layer
+    (:meth:`distill.architectures.Architecture.layer_options`): teacher_sliding_window: the
+    teacher's own sliding window (None = full causal attention); qk_norm: None, ``"head"`` (per-head
+    norms on [B,T,H,D]) or ``"flat"`` (norms on the flat projections [B,T,H·D]); fused_qkv: ``attn``
+    has one ``qkv_proj`` with rows [q | k | v]; softcap: the teacher's attention-logit cap (None =
+    none); use_rope: whether this layer rotates q and k; rope_key: which entry of a per-layer-type
+    RoPE mapping is this layer's (None = RoPE comes as one (cos, sin)).
     """
 
     float32_tensors = ("log_mix",)
@@ -134,7 +177,11 @@ class LinearAttention(KeepFloat32):
         window: int = 0,
         eps: float = 1e-6,
         teacher_sliding_window: int | None = None,
-        qk_norm: bool = False,
+        qk_norm: str | None = None,
+        fused_qkv: bool = False,
+        softcap: float | None = None,
+        use_rope: bool = True,
+        rope_key: str | None = None,
     ):
         super().__init__()
         self.teacher_class = type(attn)  # to give the layer its softmax attention back (restore_softmax)
@@ -144,9 +191,15 @@ class LinearAttention(KeepFloat32):
         self.scaling = attn.scaling
         self.teacher_sliding_window = teacher_sliding_window
         self.window, self.eps, self.depth = window, eps, depth
+        self.qk_norm, self.fused_qkv, self.softcap = qk_norm, fused_qkv, softcap
+        self.use_rope, self.rope_key = use_rope, rope_key
         # Shared with the teacher: same Parameter objects, same state-dict names.
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.qk_norm = qk_norm
+        if fused_qkv:
+            self.qkv_proj = attn.qkv_proj
+            self.qkv_sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
+        else:
+            self.q_proj, self.k_proj, self.v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+        self.o_proj = attn.o_proj
         if qk_norm:
             self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.rnn = LinearRNN(rnn, self.head_dim, num_heads, num_kv_heads)
@@ -155,25 +208,32 @@ class LinearAttention(KeepFloat32):
         self.stack = nn.ModuleList(StackSublayer(rnn, self.head_dim, num_heads) for _ in range(depth - 1))
 
     def project(self, hidden_states, position_embeddings):
-        """hidden [B,T,hidden] -> q [B,T,H,D], k [B,T,Hk,D] (normed, rotated), v [B,T,Hk,D]."""
+        """hidden [B,T,hidden] -> q [B,T,H,D], k [B,T,Hk,D] (normed, rotated), v [B,T,Hk,D].
+
+        position_embeddings: (cos, sin) [B|1,T,R] each, or a dict of them keyed by layer type
+        (Gemma 3's local and global RoPE), from which the layer takes its ``rope_key`` entry."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.fused_qkv:  # views of one output, the shared weight is not split or copied
+            q, k, v = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)  # (B, T, H·D), (B, T, Hk·D) x2
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.qk_norm == "flat":
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            rope = position_embeddings[self.rope_key] if isinstance(position_embeddings, dict) else position_embeddings
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
     def teacher_attention(self, q, k, v, valid=None):
         """The teacher's softmax attention: [B,T,H,D] x2 -> y [B,T,H,D]."""
-        T = q.shape[1]
-        mask = teacher_mask(T, valid, self.teacher_sliding_window, q.device)
-        y = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scaling, enable_gqa=True
-        )  # (B, H, T, D)
-        return y.transpose(1, 2)
+        mask = teacher_mask(q.shape[1], valid, self.teacher_sliding_window, q.device)
+        return softmax_attention(q, k, v, mask, self.scaling, self.softcap)
 
     def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
         """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
@@ -223,11 +283,7 @@ class LinearAttention(KeepFloat32):
         sliding = self.teacher_sliding_window
         # Query t (row t−w) sees keys s ≤ t−w, and s > t − sliding if the teacher slides.
         mask = teacher_mask(T - w, None, sliding - w if sliding else None, q.device)
-        y = nn.functional.scaled_dot_product_attention(
-            q[:, w:].transpose(1, 2), k[:, : T - w].transpose(1, 2), v[:, : T - w].transpose(1, 2),
-            attn_mask=mask, scale=self.scaling, enable_gqa=True,
-        )  # (B, H, T−w, D)
-        return y.transpose(1, 2)
+        return softmax_attention(q[:, w:], k[:, : T - w], v[:, : T - w], mask, self.scaling, self.softcap)
 
     def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent):
         B, T, H, D = q.shape
@@ -241,7 +297,7 @@ class LinearAttention(KeepFloat32):
         k_all, v_all = torch.cat([wk, k], 1), torch.cat([wv, v], 1)  # (B, w+T, Hk, D)
         valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
         o_lin, state = self._evicted_scan(q, k_all, v_all, valid_all, state, recurrent)
-        num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling)
+        num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling, self.softcap)
         log_mix = self.log_mix.float()[None, None, :]  # (1, 1, H)
         lin_num, lin_den = o_lin[..., :-1], o_lin[..., -1]  # (B, T, H, D), (B, T, H)
         shift = torch.maximum(m, log_mix + torch.log(lin_den.clamp(min=1e-30)))  # (B, T, H)

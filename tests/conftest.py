@@ -11,7 +11,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+    SmolLM3Config,
+)
 
 torch.set_num_threads(1)
 
@@ -32,11 +47,31 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 
+# Gemma 2/3: layer 0 slides over 8 tokens, layer 1 is global, so ≥ 20-token inputs exercise both.
+SLIDING_THEN_GLOBAL = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+TINY_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32)
+
 CONFIGS = {
     "llama": lambda: LlamaConfig(**TINY),
     "mistral": lambda: MistralConfig(**TINY, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**TINY),
     "qwen3": lambda: Qwen3Config(**TINY),
+    # soft-capped logits (a cap the tiny scores reach) and a query_pre_attn_scalar scale
+    "gemma2": lambda: Gemma2Config(**TINY, **SLIDING_THEN_GLOBAL, query_pre_attn_scalar=24, attn_logit_softcapping=2.0),
+    # per-head q/k norms; local (10k) vs global (1M) RoPE bases
+    "gemma3_text": lambda: Gemma3TextConfig(**TINY, **SLIDING_THEN_GLOBAL, query_pre_attn_scalar=24),
+    # fused qkv_proj; RoPE on half of each head
+    "phi3": lambda: Phi3Config(
+        **TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    ),
+    "olmo2": lambda: Olmo2Config(**TINY),  # q/k norms over all heads; no pre-attention norm
+    "granite": lambda: GraniteConfig(
+        **TINY, attention_multiplier=0.2, embedding_multiplier=3.0, residual_multiplier=0.5, logits_scaling=2.0
+    ),
+    "mixtral": lambda: MixtralConfig(**TINY, num_local_experts=3, num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**TINY, **TINY_MOE, num_experts=3, shared_expert_intermediate_size=32),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**TINY, **TINY_MOE, num_experts=3),
+    "smollm3": lambda: SmolLM3Config(**TINY, no_rope_layers=[1, 0]),  # layer 1 has no RoPE
 }
 
 
@@ -57,10 +92,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 def perturb_new_parameters(model, seed: int = 1, scale: float = 0.1) -> None:
     """Move every parameter added by conversion off its initial value (e.g. w_o = 0), so tests
     exercise all of it. Teacher parameters are left alone."""
-    from distill.layer import LinearAttention
+    from distill.layer import SHARED_MODULES, LinearAttention
 
     gen = torch.Generator().manual_seed(seed)
-    shared = {"q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"}
+    shared = set(SHARED_MODULES)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, LinearAttention):

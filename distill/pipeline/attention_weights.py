@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layer import NO_SCORE, LinearAttention
+from ..layer import NO_SCORE, LinearAttention, cap_scores
 
 
 def query_index(T: int, n: int, start: int = 0, device=None) -> torch.Tensor:
@@ -27,10 +27,11 @@ def _lags(idx: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def teacher_scores(layer: LinearAttention, q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """q [B,T,H,D], k [B,T,Hk,D] -> scaled scores s [B,H,n,T], −inf where the teacher cannot look."""
+    """q [B,T,H,D], k [B,T,Hk,D] -> scaled (and, as the teacher does, soft-capped) scores
+    s [B,H,n,T], −inf where the teacher cannot look."""
     G = layer.num_heads // layer.num_kv_heads
     kh = k.float().repeat_interleave(G, dim=2)  # (B, T, H, D)
-    s = torch.einsum("bnhd,bshd->bhns", q[:, idx].float(), kh) * layer.scaling
+    s = cap_scores(torch.einsum("bnhd,bshd->bhns", q[:, idx].float(), kh) * layer.scaling, layer.softcap)
     lag = _lags(idx, q.shape[1])
     visible = lag >= 0
     if layer.teacher_sliding_window:

@@ -2,47 +2,67 @@
 
 The transfer stage trains layer i on the hidden states that enter it, then pushes those hidden
 states through layer i to get the inputs of layer i+1; only one layer's activations are alive.
-Hidden states are [N, T, hidden]; they are processed ``batch`` sequences at a time.
+Hidden states are [N, T, hidden]; they are processed ``batch`` sequences at a time. What differs
+between families (embedding multipliers, per-layer RoPE, the pre-attention norm, sliding-window
+masks of layers kept as softmax) comes from :mod:`distill.architectures`.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..architectures import get_architecture
+from ..layer import LinearAttention
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_architecture(model.config.model_type).decoder_layers(model)
 
 
-def position_embeddings(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE (cos, sin) for positions 0..T-1 of ``hidden`` [B, T, hidden]."""
+def position_embeddings(model: nn.Module, hidden: torch.Tensor):
+    """RoPE for positions 0..T-1 of ``hidden`` [B, T, hidden]: (cos, sin) [1, T, R] each, or a dict
+    of them keyed by layer type (Gemma 3); :meth:`LinearAttention.project` takes either."""
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
-    return get_architecture(model.config.model_type).rotary_emb(model)(hidden, position_ids=positions)
+    return get_architecture(model.config.model_type).position_embeddings(model, hidden, positions)
 
 
 @torch.no_grad()
 def embed(model: nn.Module, ids: torch.Tensor, batch: int) -> torch.Tensor:
     """ids [N, T] -> hidden states entering layer 0 [N, T, hidden], on the model's device."""
-    table = get_architecture(model.config.model_type).embed_tokens(model)
-    return torch.cat([table(ids[i : i + batch].to(table.weight.device)) for i in range(0, len(ids), batch)])
+    arch = get_architecture(model.config.model_type)
+    table = arch.embed_tokens(model)
+    hidden = torch.cat([table(ids[i : i + batch].to(table.weight.device)) for i in range(0, len(ids), batch)])
+    multiplier = arch.embedding_multiplier(model.config)
+    return hidden * multiplier if multiplier != 1.0 else hidden
+
+
+def _softmax_mask(model: nn.Module, index: int, h: torch.Tensor, positions: torch.Tensor):
+    """The attention mask a layer kept as softmax needs (causal, and sliding where the teacher's
+    layer slides), built as the teacher's forward builds it for its attention implementation."""
+    window = get_architecture(model.config.model_type).teacher_sliding_window(model.config, index)
+    make = create_sliding_window_causal_mask if window else create_causal_mask
+    return make(config=model.config, inputs_embeds=h, attention_mask=None, cache=None, position_ids=positions)
 
 
 @torch.no_grad()
 def run_layer(model: nn.Module, index: int, hidden: torch.Tensor, mode: str, batch: int) -> torch.Tensor:
     """Push hidden [N, T, hidden] through decoder layer ``index`` in ``mode`` (teacher | parallel)."""
+    arch = get_architecture(model.config.model_type)
     layer = decoder_layers(model)[index]
+    converted = isinstance(layer.self_attn, LinearAttention)
     out = []
     for i in range(0, len(hidden), batch):
         h = hidden[i : i + batch]
         positions = torch.arange(h.shape[1], device=h.device)[None]
-        out.append(
-            layer(h, position_embeddings=position_embeddings(model, h), position_ids=positions, distill_mode=mode)
-        )
+        rope = arch.layer_rope(position_embeddings(model, h), model.config, index)
+        mask = None if converted else _softmax_mask(model, index, h, positions)
+        out.append(layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions, distill_mode=mode))
     return torch.cat(out)
 
 
 def attention_input(model: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The normalised hidden states that layer ``index``'s attention reads: [B, T, hidden]."""
-    return decoder_layers(model)[index].input_layernorm(hidden)
+    """The hidden states that layer ``index``'s attention reads: [B, T, hidden] (normalised, unless
+    the family normalises after attention)."""
+    arch = get_architecture(model.config.model_type)
+    return arch.attention_input(decoder_layers(model)[index], hidden)
