@@ -5,7 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import model_cases, run_cases, kernels, ablations  # noqa: F401, I001  (registers cases; runs in this order)
+from . import model_cases, run_cases, kernels, ablations, distributed  # noqa: F401, I001  (registers cases; runs in this order)
 from .runner import CASES, Context, run
 
 

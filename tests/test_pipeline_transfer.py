@@ -85,8 +85,8 @@ def test_nan_loss_rolls_back_and_is_reported(monkeypatch):
 
     snapshot = {}
 
-    def spy(attn, q, k, v, target, cfg, seed, check, bar=None):
-        result = real_train(attn, q, k, v, target, cfg, seed, check, bar)
+    def spy(attn, q, k, v, target, cfg, seed, check, bar=None, comm=None):
+        result = real_train(attn, q, k, v, target, cfg, seed, check, bar, comm)
         snapshot[attn.layer_idx] = {n: p.detach().clone() for n, p in new_parameters(attn).items()}
         return result
 

@@ -79,6 +79,7 @@ class EvalCommand(Command):
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        from ..distributed import torchrun_ranks
         from .long_context import LongContextOptions
         from .long_ppl import LongPplOptions
         from .passkey import PasskeyOptions
@@ -96,17 +97,20 @@ class EvalCommand(Command):
             PasskeyOptions(args.passkey_lengths, args.passkey_depths, args.passkey_trials, args.passkey_seed),
             LongPplOptions(args.long_ppl_tokens, args.long_ppl_docs, args.long_text),
         )
-        report = run(
-            {"student": args.model, "teacher": args.teacher},
-            args.tasks,
-            include_path=args.include_path,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            dtype=args.dtype,
-            reuse=args.reuse,
-            long_context=long_context,
-        )
+        with torchrun_ranks():
+            report = run(
+                {"student": args.model, "teacher": args.teacher},
+                args.tasks,
+                include_path=args.include_path,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                dtype=args.dtype,
+                reuse=args.reuse,
+                long_context=long_context,
+            )
+        if report is None:  # a torchrun rank other than 0
+            return 0
         md = write_report(report, args.out)
         log.info("\n%s", report["markdown"])
         log.info("wrote %s and %s", args.out, md)

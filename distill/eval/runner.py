@@ -63,8 +63,15 @@ def evaluate_model(model, tokenizer, tasks: list[Any], *, manager=None, batch_si
     results = simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False
     )
+    if results is None:  # a rank other than 0: lm-eval gathered its scores on rank 0
+        return {}
     results.pop("samples", None)
     return results
+
+
+def is_main_rank() -> bool:
+    """False on torchrun ranks other than 0 (they score their share; rank 0 reports)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 def merge_results(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +109,7 @@ def evaluate_all(model, tokenizer, objects: list[Any], direct: list[str], *, man
         log.info("%s: prompts up to %d tokens, batches of %d", task.task_name, prompt, small)
         merge_results(results, evaluate_model(model, tokenizer, [task], manager=manager, batch_size=small,
                                               max_length=needed, limit=limit))
-    for name in direct:
+    for name in direct if is_main_rank() else ():  # distill's own tasks run on rank 0
         spec = DIRECT_TASKS[name]
         merge_results(results, spec.evaluate(model, tokenizer, getattr(options, spec.options_field)))
     return results
@@ -229,9 +236,9 @@ def _top_name(obj) -> str:
 def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_length: int | None = None, dtype: str = "float32",
         reuse: list[str | Path] | None = None, loader: Callable | None = None,
-        long_context: LongContextOptions | None = None) -> dict[str, Any]:
+        long_context: LongContextOptions | None = None) -> dict[str, Any] | None:
     """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``,
-    both with weights in ``dtype``. A model already scored in one of the ``reuse`` reports (same
+    both with weights in ``dtype`` (under torchrun: data parallel; None on ranks other than 0). A model already scored in one of the ``reuse`` reports (same
     model, tasks, limit, dtype and max_length) is taken from there instead of evaluated again: a
     teacher is scored once for many students, and teacher and student can run as two processes.
 
@@ -283,6 +290,8 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         del model, tokenizer
         wall[role] = time.perf_counter() - start
 
+    if not is_main_rank():
+        return None
     rows = compare(results["student"], results.get("teacher"), names, chance, plan.headline)
     line = summary(rows, plan.headline, wall)
     report = {

@@ -12,12 +12,18 @@ teacher and converted students).
 
 Rolling perplexity, lone requests and sequences longer than ``max_length`` (which lm-eval
 truncates on the left) go through lm-eval's own code path unchanged.
+
+Under ``torchrun`` (a joined ``torch.distributed`` process group) each rank scores its share of
+the requests: lm-eval splits them by ``rank``/``world_size`` and gathers the metrics on rank 0
+through :meth:`all_gather`, :meth:`gather_object` and :meth:`barrier`, which here use
+``torch.distributed`` directly (HFLM would use accelerate, which a model instance never sets up).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
@@ -28,6 +34,24 @@ Group = tuple[list[int], list[list[int]]]  # (context ids, continuation ids of e
 
 class SharedPrefixLM(HFLM):
     """HFLM whose loglikelihood runs each shared context once (causal models with a KV or recurrent cache)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if dist.is_available() and dist.is_initialized():  # data parallel over the torchrun ranks
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 (a scalar counts as one row), in rank order."""
+        if self.world_size <= 1:
+            return tensor
+        row = tensor.detach().cpu().reshape(-1) if tensor.dim() == 0 else tensor.detach().cpu()
+        parts = [torch.empty_like(row) for _ in range(self.world_size)]
+        dist.all_gather(parts, row)
+        return torch.cat(parts).to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:

@@ -7,6 +7,9 @@ kill at any moment leaves either the old or the new entry, never half of one.
 
 On ``--resume`` every entry is checked against its recorded size and sha256. The first bad one
 and every entry after it (which may depend on it) are dropped, and the run restarts there.
+
+In a run of several ranks only rank 0 writes; the others hold a :meth:`RunStore.follower` that
+reads the same manifest and records what they ``save`` (metadata only) without writing.
 """
 from __future__ import annotations
 
@@ -38,9 +41,21 @@ class RunStore:
         self.manifest_path = self.state / MANIFEST
         self.entries: dict[str, dict[str, Any]] = {}
         self.header: dict[str, Any] = {}
+        self.writes = True
+
+    @classmethod
+    def follower(cls, root: Path) -> "RunStore":
+        """A non-writing view for ranks other than 0: the manifest as rank 0 left it; later saves
+        record their metadata only."""
+        store = cls(root)
+        store.open()
+        store.writes = False
+        return store
 
     # -- manifest ---------------------------------------------------------------------------
     def _write_manifest(self) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.manifest_path, json.dumps({**self.header, "entries": self.entries}, indent=1))
 
     def set_header(self, key: str, value: Any) -> None:
@@ -77,7 +92,7 @@ class RunStore:
     def save(self, key: str, tensors: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> None:
         """Write (or replace) entry ``key`` atomically."""
         record: dict[str, Any] = {"meta": meta}
-        if tensors is not None:
+        if tensors is not None and self.writes:
             path = self._file(key)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save_tensors(path, tensors)
@@ -121,7 +136,7 @@ class RunStore:
     def drop(self, keys: list[str]) -> None:
         for key in keys:
             record = self.entries.pop(key, None)
-            if record and "file" in record:
+            if record and "file" in record and self.writes:
                 (self.state / record["file"]).unlink(missing_ok=True)
         self._write_manifest()
 
@@ -182,7 +197,7 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], out: Path) -> None
         for key in diffs:
             a, b = old.get(key), new.get(key)
             if isinstance(a, dict) and isinstance(b, dict):
-                detail += [f"{key}.{k}" for k in _diff_keys(a, b)]
+                detail += [f"{key}.{k}" for k in diff_keys(a, b)]
             else:
                 detail.append(key)
         raise DistillError(
@@ -191,12 +206,12 @@ def _check_same_run(old: dict[str, Any], new: dict[str, Any], out: Path) -> None
         )
 
 
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff_keys(x, y, f"{prefix}{key}.")
+            out += diff_keys(x, y, f"{prefix}{key}.")
         elif x != y:
             out.append(f"{prefix}{key}")
     return out

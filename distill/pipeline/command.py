@@ -20,6 +20,7 @@ examples:
   distill convert demo --out runs/demo --config configs/demo-cpu.yaml
   distill convert demo --out runs/pure --config configs/demo-cpu.yaml model.window=0
   distill convert demo --out runs/demo --config configs/demo-cpu.yaml --resume
+  torchrun --nproc-per-node 2 -m distill convert demo --out runs/demo2 --config configs/demo-cpu.yaml
   distill generate runs/demo --prompt "The history of Rome"
 """
 
@@ -61,15 +62,17 @@ class ConvertCommand(Command):
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        from ..distributed import env_world
         from .run_config import load_run_config
         from .run import run_convert
 
         cfg = load_run_config(args.config, args.overrides)
         report = run_convert(args.model, args.out, cfg, resume=args.resume, overwrite=args.overwrite)
-        print(
-            f"held-out perplexity: teacher {report['teacher_ppl']:.3f}, student {report['student_ppl']:.3f} "
-            f"({report['ppl_ratio']:.3f}x); {report['seconds']['total']:.0f} s; model and report in {args.out}"
-        )
+        if env_world()[0] == 0:  # under torchrun, rank 0 speaks for the run
+            print(
+                f"held-out perplexity: teacher {report['teacher_ppl']:.3f}, student {report['student_ppl']:.3f} "
+                f"({report['ppl_ratio']:.3f}x); {report['seconds']['total']:.0f} s; model and report in {args.out}"
+            )
         return 0
 
 

@@ -12,7 +12,9 @@ the optimizer state; batches (and ``crop`` windows) are drawn from a generator s
 (seed, step), so a resumed run matches an uninterrupted one. With ``eval_every`` the held-out
 perplexity is measured along the way: the report's perplexity-against-tokens curve. Steps are
 guarded (:class:`.train.GuardedSteps`). At the end the adapters are merged into the weights, so
-the result is a plain converted model that :func:`distill.load_converted` reads. The q/k/v/o
+the result is a plain converted model that :func:`distill.load_converted` reads. With several
+ranks (``ctx.comm``) each step's batch is split ``rank::world`` and the gradients are summed
+(data parallel; every rank holds the whole model), which gives the one-process steps. The q/k/v/o
 projections are shared by the student and its ``teacher`` mode, so after the merge that mode runs
 the finetuned projections, not the original teacher's (the report says so).
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..errors import DistillError
 from .layerwise import decoder_layers
 from .params import converted_layers, new_parameters
 from .perplexity import perplexity
@@ -47,6 +50,19 @@ class FinetuneResult:
     curve: list[float] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     ppl_curve: list[dict] = field(default_factory=list)
+
+
+def check_targets(model, targets: list[str]) -> None:
+    """Refuse LoRA ``targets`` that name no module of ``model`` (before any slow work): peft would
+    adapt the others silently (Phi-3 has one fused ``qkv_proj``, not q/k/v)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        attention = sorted(n for n in names if n.endswith("_proj"))
+        raise DistillError(
+            f"finetune.targets names {', '.join(missing)}, which this model does not have; "
+            f"its projections are {', '.join(attention)}: name the ones to adapt, e.g. finetune.targets=[{attention[-1]}]"
+        )
 
 
 def add_lora(model, cfg: FinetuneConfig, seed: int):
@@ -141,16 +157,21 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
         after_step=lambda: constrain(attns),
         events=events,
         event_fields={"stage": "finetune"},
+        comm=ctx.comm,
     )
     if ctx.store.has(KEY):
         load_optimizer_tensors(steps.optimizer, tensors)
 
     def loss_at(step: int) -> torch.Tensor:
-        x = draw_batch(ids, cfg, ctx.seed, step).to(ctx.device)
+        """This rank's share of step ``step``'s loss (the shares of all ranks sum to it)."""
+        batch = draw_batch(ids, cfg, ctx.seed, step)
+        x = batch[ctx.comm.shard(len(batch))].to(ctx.device)
+        if not len(x):  # more ranks than sequences per step
+            return sum(p.sum() * 0.0 for p in params.values())
         with torch.no_grad(), peft_model.disable_adapter():
             teacher = peft_model(input_ids=x, distill_mode="teacher", use_cache=False).logits
         student = peft_model(input_ids=x, distill_mode="parallel", use_cache=False).logits
-        return distill_loss(student, teacher, x, cfg)
+        return len(x) / len(batch) * distill_loss(student, teacher, x, cfg)
 
     bar = ctx.progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
     began = time.time()
@@ -169,7 +190,7 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
             bar.update(1)
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 peft_model.eval()
-                ppl = perplexity(peft_model, heldout, "parallel", eval_batch)
+                ppl = perplexity(peft_model, heldout, "parallel", eval_batch, comm=ctx.comm)
                 peft_model.train()
                 ppl_curve.append({"step": step, "tokens": step * min(cfg.batch_size, len(ids)) * (cfg.crop or ids.shape[1]), "ppl": ppl})
                 log.info("finetune step %d: held-out perplexity %.3f", step, ppl)

@@ -43,7 +43,7 @@ from scipy.optimize import minimize
 from ..layer import LinearAttention
 from .attention_weights import attention_kl, linear_keys, query_index, student_kernel, student_weights, teacher_scores
 from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
-from .params import converted_layers, load_state, model_state
+from .params import converted_layers, layer_state, load_state, model_state
 from .run_config import FitConfig
 from .train import StageContext
 
@@ -408,11 +408,12 @@ def run_fit(model, data, cfg: FitConfig, ctx: StageContext) -> list[FitLayer]:
     start = time.time()
     ids = data.train[: cfg.sequences]
     layers = converted_layers(model)
+    mine = layers[ctx.comm.shard(len(layers))]  # with several ranks, each fits its share of the layers
     results = []
-    bar = ctx.progress(total=len(layers), desc="fit", unit="layer")
+    bar = ctx.progress(total=len(mine), desc="fit", unit="layer")
     fitter = None
     try:
-        for i, q, k in collect_qk(model, ids, layers, batch=max(1, len(ids))):
+        for i, q, k in collect_qk(model, ids, mine, batch=max(1, len(ids))):
             layer = decoder_layers(model)[i].self_attn
             pairs = make_pairs(layer, q, k, cfg)
             before = measure(layer, pairs)
@@ -428,8 +429,12 @@ def run_fit(model, data, cfg: FitConfig, ctx: StageContext) -> list[FitLayer]:
             log.debug("fit layer %d: fit error %.4f, attn KL %.4f", i, results[-1].fit_error, results[-1].attn_kl)
     finally:
         bar.close()
-    if fitter is None and layers:
+    if fitter is None and mine:
         log.info("no closed-form start for %s; its default init is kept", type(layer.rnn.feature_map).__name__)
+    if ctx.comm.active:  # every rank gets every layer's fit
+        parts = ctx.comm.gather(([asdict(r) for r in results], {n: t for i in mine for n, t in layer_state(model, i).items()}))
+        load_state(model, {n: t for _, state in parts for n, t in state.items()})
+        results = sorted((FitLayer(**r) for rows, _ in parts for r in rows), key=lambda r: r.layer)
     meta = {"layers": [asdict(r) for r in results], "seconds": time.time() - start, "tokens": int(ids.numel())}
     ctx.store.save(KEY, model_state(model), meta)
     return results

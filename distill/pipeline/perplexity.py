@@ -6,10 +6,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..distributed import Comm
+
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, mode: str, batch: int, progress=None, desc: str = "eval") -> float:
-    """exp(mean next-token NLL) over ids [M, T] (every window scored from its first token)."""
+def perplexity(model, ids: torch.Tensor, mode: str, batch: int, progress=None, desc: str = "eval", comm: Comm | None = None) -> float:
+    """exp(mean next-token NLL) over ids [M, T] (every window scored from its first token). With
+    several ranks (``comm``) each scores the windows ``rank::world`` and the sums are combined."""
+    comm = comm or Comm()
+    ids = ids[comm.shard(len(ids))]
     device = next(model.parameters()).device
     total, count = 0.0, 0
     bar = progress(total=len(ids), desc=desc, unit="seq") if progress else None
@@ -24,4 +29,5 @@ def perplexity(model, ids: torch.Tensor, mode: str, batch: int, progress=None, d
             bar.update(len(x))
     if bar is not None:
         bar.close()
+    total, count = comm.sum(total, count)
     return math.exp(total / max(count, 1))

@@ -8,6 +8,10 @@ Every step that takes time records an entry in ``DIR/state`` (see :mod:`.checkpo
 stage checkpoints itself through its :class:`.train.StageContext`, and a resumed run skips the
 recorded steps, so the same seed ends at the same result. A student whose held-out perplexity
 is not finite is never saved: the run fails (exit 1) naming the last stage that trained it.
+
+Under ``torchrun`` every rank runs this same function (see :mod:`.distributed`): rank 0 prepares
+the data and writes the run folder, the model and the report; the stages split their work over
+the ranks; each rank logs to ``DIR/logs/rank<N>.log``.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,10 @@ from ..convert import check_convertible, convert_model
 from ..errors import DistillError, RunFailed
 from ..files import atomic_write_text, disk_full_is_user_error, sha256
 from ..models import load_model
-from .checkpoint import RunStore, check_run_dir, open_run_dir
+from .checkpoint import RunStore, diff_keys, check_run_dir, open_run_dir
 from .data import TokenData, prepare_data
-from .finetune import run_finetune
+from ..distributed import Comm, close_comm, env_local_rank, init_comm, log_to_files
+from .finetune import check_targets, run_finetune
 from .fit import run_fit
 from .params import SHARED, converted_layers
 from .perplexity import perplexity
@@ -46,14 +52,18 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """The run's device; ``auto`` and plain ``cuda`` mean this rank's GPU (LOCAL_RANK) under torchrun."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise DistillError(f"device {name!r} is not a torch device; use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DistillError("device=cuda but no GPU is visible; use device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", env_local_rank())
+        torch.cuda.set_device(device)
     try:  # DISTILL_BACKEND must be able to run here: say so now, not at the first forward
         ops.resolve_backend(device)
     except ValueError as err:
@@ -137,38 +147,73 @@ def _stage_failed(stage: str, ppl: float) -> RunFailed:
     )
 
 
+def run_header(spec: str, cfg: RunConfig) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues (not ``dist_timeout``, which may change)."""
+    config = cfg.to_dict()
+    config.pop("dist_timeout")
+    return {"model": spec, "config": config}
+
+
+def check_same_ranks(comm: Comm, launch: dict[str, Any]) -> None:
+    """Refuse, on every rank and before any work, ranks started with different commands."""
+    launches = comm.gather(launch)
+    for rank, other in enumerate(launches):
+        diff = diff_keys(launches[0], other)
+        if diff:
+            raise DistillError(
+                f"rank {rank} was started with a different {diff[0]} than rank 0; start every rank with the same command"
+            )
+
+
 def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run ``distill convert`` and return the report (also written to ``out``)."""
-    began = time.time()
-    out = Path(out).expanduser()
-    header = {"model": spec, "config": cfg.to_dict()}
-    check_run_dir(out, header, resume, overwrite)  # fail fast, before the slow model load
     device = resolve_device(cfg.device)
+    comm = init_comm(cfg.dist_timeout, device)
+    try:
+        return _run_convert(spec, Path(out).expanduser(), cfg, resume, overwrite, device, comm)
+    finally:
+        close_comm()
+
+
+def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: bool, device, comm: Comm) -> dict:
+    began = time.time()
+    header = run_header(spec, cfg)
+    check_same_ranks(comm, {**header, "out": str(out.resolve()), "resume": resume, "overwrite": overwrite})
+    check_run_dir(out, header, resume, overwrite)  # fail fast, before the slow model load
     threads = set_threads((RunStore(out).open().get("threads") if resume else None) or cfg.threads)
 
     start = time.time()
     model, tokenizer = load_model(spec, getattr(torch, cfg.dtype))
     check_convertible(model, cfg.model)  # before any slow work; the swap itself waits for the data
+    if cfg.finetune.enabled and cfg.finetune.steps:
+        check_targets(model, cfg.finetune.targets)
     model.to(device)
     loaded = time.time() - start
 
-    # Only now is DIR created (or replaced): a bad MODEL leaves it as it was.
-    store = open_run_dir(out, header, resume, overwrite)
-    atomic_write_text(out / "run.yaml", f"# distill convert {spec} --out {out} --resume\n" + dump_run_config(cfg))
-    store.set_header("threads", threads)  # a resumed run keeps it: float sums depend on it
-    log.info("using %d CPU thread(s)", threads)
+    # Only now is DIR created (or replaced): a bad MODEL leaves it as it was. Rank 0 writes it.
+    if comm.main:
+        store = open_run_dir(out, header, resume, overwrite)
+        atomic_write_text(out / "run.yaml", f"# distill convert {spec} --out {out} --resume\n" + dump_run_config(cfg))
+        store.set_header("threads", threads)  # a resumed run keeps it: float sums depend on it
+    comm.barrier()
+    if not comm.main:
+        store = RunStore.follower(out)
+    log_to_files(out, comm)
+    log.info("using %d CPU thread(s)%s", threads, f"; rank {comm.rank} of {comm.world}" if comm.active else "")
     timer = Timer()
     timer.add("load", loaded)
     torch.manual_seed(cfg.seed)
-    ctx = StageContext(seed=cfg.seed, store=store, progress=tqdm, device=device, dtype=getattr(torch, cfg.dtype))
+    progress = tqdm if comm.main else partial(tqdm, disable=True)
+    ctx = StageContext(seed=cfg.seed, store=store, progress=progress, device=device, dtype=getattr(torch, cfg.dtype), comm=comm)
 
-    data = _stage_data(cfg, model, tokenizer, store, timer)  # data=self samples from the teacher: before the swap
+    data = _stage_data(cfg, model, tokenizer, store, timer) if comm.main else None  # data=self samples: before the swap
+    data = comm.broadcast(data)
     convert_model(model, cfg.model)
     prepare_new_parameters(model)
 
     batch = cfg.batch_size_eval
     teacher = _stage_value(
-        "teacher_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "teacher", batch, tqdm, "teacher ppl")}
+        "teacher_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "teacher", batch, progress, "teacher ppl", comm)}
     )
     log.info("teacher held-out perplexity: %.3f", teacher["ppl"])
 
@@ -201,7 +246,7 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
         last_stage = "finetune"
 
     student = _stage_value(
-        "student_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "parallel", batch, tqdm, "student ppl")}
+        "student_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "parallel", batch, progress, "student ppl", comm)}
     )
     if not math.isfinite(student["ppl"]):
         store.drop(["student_eval"])  # a resumed run measures again rather than trusting this
@@ -209,7 +254,8 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
     log.info("student held-out perplexity: %.3f (teacher %.3f)", student["ppl"], teacher["ppl"])
 
     start = time.time()
-    _save_model(model, tokenizer, out, store)
+    if comm.main:
+        _save_model(model, tokenizer, out, store)
     timer.add("save", time.time() - start)
 
     converted = converted_layers(model)
@@ -240,10 +286,16 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
         else "the teacher's own attention",
         "config": cfg.to_dict(),
     }
+    if comm.active:
+        report["ranks"] = comm.world
+    if device.type == "cuda":  # per rank, for sizing a GPU run
+        report["peak_gpu_gib"] = comm.gather(torch.cuda.max_memory_allocated(device) / 2**30)
     curves = {f"layer {r.layer}": r.curve for r in transfer_layers or []}
     if finetuned:
         curves["finetune"] = finetuned.curve
-    write_report(report, curves, out)
+    if comm.main:
+        write_report(report, curves, out)
+    comm.barrier()  # no rank exits before the model and the report are written
     return report
 
 

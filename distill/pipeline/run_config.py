@@ -180,6 +180,8 @@ class RunConfig:
     threads: CPU threads for torch; 0 = auto: one thread on a machine with at most 2 cores (or
         up to 4 cores with other work running), where torch's threads mostly wait on each
         other at every small op; torch's default otherwise.
+    dist_timeout: under torchrun, seconds a rank waits for the others at a collective before it
+        stops with an error (a rank that dies is usually noticed at once); may change on --resume.
     """
 
     model: ConvertConfig = field(default_factory=ConvertConfig)
@@ -193,13 +195,14 @@ class RunConfig:
     device: str = "auto"
     batch_size_eval: int = 2
     threads: int = 0
+    dist_timeout: float = 1800.0
     fit: FitConfig = field(default_factory=FitConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
-        _positive(self, "calib_tokens", "heldout_tokens", "seq_len", "batch_size_eval")
+        _positive(self, "calib_tokens", "heldout_tokens", "seq_len", "batch_size_eval", "dist_timeout")
         _choice(self, "dtype", DTYPES)
         _non_negative(self, "threads")
         if self.seq_len < 2:

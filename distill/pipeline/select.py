@@ -56,13 +56,12 @@ def long_range_nll(model, ids: torch.Tensor, student_layers: set[int], from_posi
     """Mean next-token NLL over positions ≥ ``from_position`` of ids [N, T], with the layers in
     ``student_layers`` in student (parallel) mode and all others in teacher mode."""
     arch = get_architecture(model.config.model_type)
-    head, norm = model.get_output_embeddings(), arch.final_norm(model)
     hidden = embed(model, ids, batch)
     for i in range(len(decoder_layers(model))):
         hidden = run_layer(model, i, hidden, "parallel" if i in student_layers else "teacher", batch)
     total, count = 0.0, 0
     for a in range(0, len(ids), batch):
-        logits = head(norm(hidden[a : a + batch, from_position - 1 : -1])).float()  # (b, T−p, V)
+        logits = arch.logits(model, hidden[a : a + batch, from_position - 1 : -1]).float()  # (b, T−p, V)
         target = ids[a : a + batch, from_position:].to(logits.device)
         total += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
         count += target.numel()
@@ -99,14 +98,17 @@ def run_select(model, data, cfg: SelectConfig, ctx: StageContext) -> SelectResul
         raise DistillError(f"select.from_position={cfg.from_position} is not inside the {ids.shape[1]}-token held-out sequences")
     teacher = long_range_nll(model, ids, set(), cfg.from_position)
     scores = {}
-    bar = ctx.progress(total=len(converted), desc="select", unit="layer")
+    mine = converted[ctx.comm.shard(len(converted))]  # with several ranks, each scores its share
+    bar = ctx.progress(total=len(mine), desc="select", unit="layer")
     try:
-        for i in converted:
+        for i in mine:
             scores[str(i)] = long_range_nll(model, ids, {i}, cfg.from_position) - teacher
             bar.set_postfix(layer=i, score=f"{scores[str(i)]:.4f}")
             bar.update(1)
     finally:
         bar.close()
+    scores = {k: v for part in ctx.comm.gather(scores) for k, v in part.items()}
+    scores = {str(i): scores[str(i)] for i in converted}
     kept = sorted(sorted(converted, key=lambda i: scores[str(i)], reverse=True)[: cfg.keep_softmax])
     restore_softmax(model, kept)
     state, kept_kv, teacher_kv = _memory(model, kept)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..feature_maps import FeatureMap
 from ..recurrence import Recurrence
+from ..distributed import Comm
 from .layerwise import decoder_layers
 from .params import converted_layers, new_parameters
 
@@ -36,7 +37,8 @@ class StageContext:
     """What a stage needs from the run besides the model, its data and its config section.
 
     seed: the run seed; store: checkpoint entries (``has``/``load``/``save``/``meta``);
-    progress: a tqdm-like class; device, dtype: where the teacher's weights live.
+    progress: a tqdm-like class; device, dtype: where the teacher's weights live; comm: this
+    process's rank among the run's ranks (a world of one by default).
     """
 
     seed: int
@@ -44,6 +46,7 @@ class StageContext:
     progress: Callable[..., Any]
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    comm: Comm = field(default_factory=Comm)
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -79,7 +82,10 @@ class GuardedSteps:
     a rollback); lr: the base learning rate, decayed by :func:`cosine_lr` over ``total`` steps
     and halved once per earlier event (so a resumed stage continues at the same rate);
     after_step: called after each optimizer step (constraints); where: named in events and logs
-    ("layer 3", "finetune"); hint: the fix to suggest; events: earlier events, when resuming.
+    ("layer 3", "finetune"); hint: the fix to suggest; events: earlier events, when resuming;
+    comm: the ranks that train these parameters data-parallel. Each rank's ``loss`` is then its
+    share of the global loss (they sum to it): the loss values and the gradients are summed over
+    ranks before anything is decided, so every rank takes the same steps and rollbacks.
     """
 
     def __init__(
@@ -93,7 +99,9 @@ class GuardedSteps:
         after_step: Callable[[], None] = lambda: None,
         events: list[dict] | None = None,
         event_fields: dict[str, Any] | None = None,
+        comm: Comm | None = None,
     ):
+        self.comm = comm or Comm()
         self.params, self.make_optimizer, self.total = params, make_optimizer, total
         self.where, self.hint, self.after_step = where, hint, after_step
         self.events = list(events or [])
@@ -111,7 +119,7 @@ class GuardedSteps:
         """``loss`` was computed from the current parameters. Finite: they become the last good
         ones and one clipped optimizer step follows; returns the loss. Otherwise: roll back (see
         the module docstring); returns None."""
-        value = float(loss.detach())
+        value = self.comm.sum(float(loss.detach()))[0]
         if not (math.isfinite(value) and all_finite(self.params.values())):
             self._roll_back(step, value, "non-finite loss or parameters")
             return None
@@ -120,6 +128,7 @@ class GuardedSteps:
             group["lr"] = cosine_lr(self.lr, step, self.total)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._sum_gradients()
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), 1.0)
         if not math.isfinite(float(norm)):
             self._roll_back(step, value, "non-finite gradient")
@@ -135,11 +144,25 @@ class GuardedSteps:
         restore the last good ones unless that and they are finite."""
         if not self.stepped:
             return
-        value = float(evaluate())
+        value = self.comm.sum(float(evaluate()))[0]
         if math.isfinite(value) and all_finite(self.params.values()):
             self._commit()
         else:
             self._roll_back(self.total, value, "the parameters after the last step are not finite on evaluation")
+
+    @torch.no_grad()
+    def _sum_gradients(self) -> None:
+        """Sum the gradients over the ranks (one flat all-reduce); no-op for one process."""
+        if not self.comm.active:
+            return
+        params = list(self.params.values())
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float() for p in params])
+        self.comm.sum_(flat)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
 
     @torch.no_grad()
     def _commit(self) -> None:

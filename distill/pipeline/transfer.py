@@ -16,6 +16,13 @@ through the finished layers, so it ends where an uninterrupted run ends.
 Steps are guarded (:class:`.train.GuardedSteps`): a non-finite loss rolls the layer back to its
 last good parameters, halves the learning rate and is reported; after ``MAX_ROLLBACKS`` the layer
 keeps its last good state, and the final parameters are kept only if their held-out error is finite.
+
+With several ranks (``ctx.comm``): teacher inputs make the layers independent, so each rank
+trains a contiguous block of the layers still to do (:func:`.distributed.split_blocks`), after one
+data-parallel teacher pass that hands each rank the hidden states entering its block; the ranks
+swap their finished layers after each round, and rank 0 checkpoints them. Student inputs chain
+the layers, so each layer trains data-parallel: every step's global batch is split ``rank::world``
+and the gradients are summed, which gives the one-process result.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import torch
 
 from ..layer import LinearAttention
 from .attention_weights import attention_xent, query_index, student_weights, teacher_scores
+from ..distributed import Comm, split_blocks
 from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
 from .params import converted_layers, layer_state, load_state, new_parameters
 from .run_config import TransferConfig
@@ -70,6 +78,13 @@ def teacher_targets(attn: LinearAttention, x: torch.Tensor, rope, batch: int):
     return torch.cat(qs), torch.cat(ks), torch.cat(vs), torch.cat(outs)
 
 
+def sharded_targets(model, attn: LinearAttention, hidden, rope, batch: int, comm: Comm):
+    """:func:`teacher_targets` of hidden [N,T,hidden] entering ``attn``'s layer, each rank computing
+    its rows ``rank::world``; every rank gets all N rows."""
+    part = teacher_targets(attn, attention_input(model, attn.layer_idx, hidden[comm.shard(len(hidden))]), rope, batch)
+    return tuple(comm.cat_shards(t, len(hidden)) for t in part)
+
+
 def student_output(attn: LinearAttention, q, k, v) -> torch.Tensor:
     """The replacement layer's output o_proj(y) [B,T,hidden] from precomputed q, k, v."""
     y = attn.student_attention(q, k, v)  # (B, T, H, D) fp32
@@ -89,18 +104,24 @@ def relative_mse(attn: LinearAttention, q, k, v, target, batch: int) -> tuple[fl
     return err / count, err / max(power, 1e-30)
 
 
-def evicted_loss(attn: LinearAttention, q, k, v) -> torch.Tensor:
+def evicted_loss(attn: LinearAttention, q, k, v, comm: Comm | None = None) -> torch.Tensor:
     """Relative MSE of the linear part's own readout of the evicted keys against the teacher's
-    attention over those keys (see :meth:`LinearAttention.evicted_readout`)."""
+    attention over those keys (see :meth:`LinearAttention.evicted_readout`), normalised by the
+    target's power over the whole global batch (every rank's rows)."""
     with torch.no_grad():
         target = attn.teacher_evicted_attention(q, k, v).float()  # (B, T−w, H, D)
     out = attn.evicted_readout(q, k, v)
-    return (out - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-30)
+    (power,) = (comm or Comm()).sum(float(target.pow(2).sum()))
+    return (out - target).pow(2).sum() / max(power, 1e-30)
 
 
-def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None) -> dict:
+def train_layer(
+    attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None, comm: Comm | None = None
+) -> dict:
     """Adam on the layer's new parameters; ``check()`` is the held-out loss that decides whether the
-    final parameters are kept (see :meth:`GuardedSteps.finish`). Returns {curve, events}."""
+    final parameters are kept (see :meth:`GuardedSteps.finish`). With ``comm`` the ranks hold the
+    same pool and each computes its share ``rank::world`` of every batch. Returns {curve, events}."""
+    comm = comm or Comm()
     params = new_parameters(attn)
     if not params or not cfg.steps:
         return {"curve": [], "events": []}
@@ -115,6 +136,7 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
         hint="lower transfer.lr",
         after_step=lambda: constrain([attn]),
         event_fields={"stage": "transfer", "layer": attn.layer_idx},
+        comm=comm,
     )
     idx = query_index(q.shape[1], cfg.xent_queries, start=attn.window, device=q.device)
     sliding = attn.teacher_sliding_window
@@ -122,16 +144,7 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
     curve = []
     for step in range(cfg.steps):
         rows = torch.randint(len(q), (min(cfg.batch_size, len(q)),), generator=generator).to(q.device)
-        qb, kb, vb = q[rows], k[rows], v[rows]
-        out = student_output(attn, qb, kb, vb)
-        loss = (out.float() - target[rows].float()).pow(2).mean() / power
-        if cfg.xent_weight:
-            with torch.no_grad():
-                scores = teacher_scores(attn, qb, kb, idx)
-            loss = loss + cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
-        if evicted:
-            loss = loss + cfg.evicted_weight * evicted_loss(attn, qb, kb, vb)
-        value = steps.step(loss, step)
+        value = steps.step(batch_loss(attn, q, k, v, target, rows, cfg, idx, power, evicted, comm), step)
         if value is None:
             if steps.exhausted:
                 break
@@ -145,9 +158,31 @@ def train_layer(attn: LinearAttention, q, k, v, target, cfg: TransferConfig, see
     return {"curve": curve[::stride], "events": steps.events}
 
 
+def batch_loss(attn, q, k, v, target, rows, cfg: TransferConfig, idx, power: float, evicted: bool, comm: Comm) -> torch.Tensor:
+    """This rank's share of the loss on the global batch ``rows``: its rows ``rank::world``, each
+    term weighted so that the shares sum to the one-process loss."""
+    mine = rows[comm.shard(len(rows))]
+    if not len(mine):  # more ranks than rows: a zero share that still has a graph
+        return sum(p.sum() * 0.0 for p in new_parameters(attn).values())
+    share = len(mine) / len(rows)
+    qb, kb, vb = q[mine], k[mine], v[mine]
+    out = student_output(attn, qb, kb, vb)
+    loss = share * (out.float() - target[mine].float()).pow(2).mean() / power
+    if cfg.xent_weight:
+        with torch.no_grad():
+            scores = teacher_scores(attn, qb, kb, idx)
+        loss = loss + share * cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
+    if evicted:
+        loss = loss + cfg.evicted_weight * evicted_loss(attn, qb, kb, vb, comm)
+    return loss
+
+
 def run_transfer(model, data, cfg: TransferConfig, ctx: StageContext) -> list[TransferLayer]:
     """Train every converted layer in turn on ``data.train`` (held-out error on ``data.heldout``);
     each finished layer is checkpointed under :func:`layer_key` and restored on resume."""
+    if ctx.comm.active and cfg.inputs == "teacher":
+        return _run_layer_parallel(model, data, cfg, ctx)
+    comm = ctx.comm
     layers = decoder_layers(model)
     converted = converted_layers(model)
     ids = data.train[: cfg.sequences] if cfg.sequences else data.train
@@ -170,26 +205,106 @@ def run_transfer(model, data, cfg: TransferConfig, ctx: StageContext) -> list[Tr
                     load_state(model, tensors, [i])
                     result = TransferLayer(**meta)
                 else:
-                    result = transfer_layer(model, layers[i].self_attn, hidden, val, rope, cfg, ctx.seed, batch, bar)
+                    result = transfer_layer(model, layers[i].self_attn, hidden, val, rope, cfg, ctx.seed, batch, bar, comm)
                     ctx.store.save(key, layer_state(model, i), asdict(result))
                 results.append(result)
                 log.info("layer %d: relative MSE %.4f -> %.4f", i, result.transfer_mse_before, result.transfer_mse_after)
-            hidden = run_layer(model, i, hidden, mode, batch)
-            val = run_layer(model, i, val, mode, batch)
+            hidden = sharded_layer(model, i, hidden, mode, batch, comm)
+            val = sharded_layer(model, i, val, mode, batch, comm)
     finally:
         bar.close()  # also on an error, so that its one line starts a line of its own
     return results
 
 
-def transfer_layer(model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar) -> TransferLayer:
+def sharded_layer(model, index: int, hidden: torch.Tensor, mode: str, batch: int, comm: Comm) -> torch.Tensor:
+    """:func:`run_layer` over hidden [N,T,hidden], each rank pushing its rows ``rank::world``;
+    every rank gets all N rows back."""
+    part = run_layer(model, index, hidden[comm.shard(len(hidden))], mode, batch)
+    return comm.cat_shards(part, len(hidden))
+
+
+def _run_layer_parallel(model, data, cfg: TransferConfig, ctx: StageContext) -> list[TransferLayer]:
+    """Teacher-input transfer over several ranks (see the module docstring)."""
+    comm, store = ctx.comm, ctx.store
+    converted = converted_layers(model)
+    ids = data.train[: cfg.sequences] if cfg.sequences else data.train
+    batch = max(1, cfg.batch_size)
+    done = {}
+    for i in converted:
+        if store.has(layer_key(i)):
+            tensors, meta = store.load(layer_key(i))
+            load_state(model, tensors, [i])
+            done[i] = TransferLayer(**meta)
+    todo = [i for i in converted if i not in done]
+    # Every layer to do costs the same steps on the same shapes; blocks balance that estimate.
+    blocks = split_blocks([float(cfg.steps)] * len(todo), comm.world)
+    if comm.main:
+        idle = sum(not b for b in blocks)
+        if idle:
+            log.warning("transfer: %d rank(s) idle: %d layers to train over %d ranks", idle, len(todo), comm.world)
+        log.info("transfer: layers per rank %s", [[todo[j] for j in b] for b in blocks])
+    mine = [todo[j] for j in blocks[comm.rank]]
+    starts = {todo[b[0]]: r for r, b in enumerate(blocks) if b}  # first layer of a block -> its rank
+
+    # One data-parallel teacher pass hands each rank the hidden states entering its block.
+    hidden = embed(model, ids[comm.shard(len(ids))], batch)
+    heldout = data.heldout[: max(1, cfg.eval_sequences)]
+    val = embed(model, heldout[comm.shard(len(heldout))], batch)
+    rope = position_embeddings(model, embed(model, ids[:1], 1))
+    own = None
+    for i in range(max(starts, default=-1) + 1):
+        if i in starts:
+            full = comm.cat_shards(hidden, len(ids)), comm.cat_shards(val, len(heldout))
+            if starts[i] == comm.rank:
+                own = full
+        hidden = run_layer(model, i, hidden, "teacher", batch)
+        val = run_layer(model, i, val, "teacher", batch)
+    del hidden, val
+
+    results = dict(done)
+    bar = ctx.progress(total=cfg.steps * len(todo), desc="transfer", unit="step")
+    try:
+        at = mine[0] if mine else None
+        for round_ in range(max((len(b) for b in blocks), default=0)):
+            finished = None
+            if round_ < len(mine):
+                i = mine[round_]
+                hidden, val = own
+                while at < i:  # through the layers between this rank's (kept or already done)
+                    hidden, val = run_layer(model, at, hidden, "teacher", batch), run_layer(model, at, val, "teacher", batch)
+                    at += 1
+                attn = decoder_layers(model)[i].self_attn
+                result = transfer_layer(model, attn, hidden, val, rope, cfg, ctx.seed, batch, bar)
+                own = run_layer(model, i, hidden, "teacher", batch), run_layer(model, i, val, "teacher", batch)
+                at = i + 1
+                finished = (i, layer_state(model, i), asdict(result))
+            for rank, got in enumerate(comm.gather(finished)):
+                if got is None:
+                    continue
+                i, tensors, meta = got
+                if rank != comm.rank:
+                    load_state(model, tensors, [i])
+                    bar.update(cfg.steps)
+                store.save(layer_key(i), tensors, meta)
+                results[i] = TransferLayer(**meta)
+                log.info("layer %d: relative MSE %.4f -> %.4f", i, results[i].transfer_mse_before, results[i].transfer_mse_after)
+    finally:
+        bar.close()
+    return [results[i] for i in converted]
+
+
+def transfer_layer(
+    model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar, comm: Comm | None = None
+) -> TransferLayer:
     start = time.time()
     i = attn.layer_idx
-    q, k, v, target = teacher_targets(attn, attention_input(model, i, hidden), rope, batch)
-    vq, vk, vv, vtarget = teacher_targets(attn, attention_input(model, i, val), rope, batch)
+    comm = comm or Comm()
+    q, k, v, target = sharded_targets(model, attn, hidden, rope, batch, comm)
+    vq, vk, vv, vtarget = sharded_targets(model, attn, val, rope, batch, comm)
     before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch)
     with torch.enable_grad():
         trained = train_layer(
-            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar
+            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar, comm
         )
     after_abs, after = relative_mse(attn, vq, vk, vv, vtarget, batch)
     return TransferLayer(

@@ -1,0 +1,209 @@
+"""Ranks of a ``torchrun`` (or ``accelerate launch``) run of ``distill convert`` or ``distill eval``,
+over ``torch.distributed``.
+
+One process is a world of one, and every method below is then a no-op, so the stages call them
+unconditionally. With ``WORLD_SIZE`` > 1 in the environment, :func:`init_comm` joins the process
+group (gloo on CPU, NCCL on GPUs) with the run's ``dist_timeout``. Any collective that fails (a
+rank died or stopped answering within the timeout) becomes one :class:`RunFailed` line on every
+surviving rank, so no rank hangs and the run's checkpoints stay usable for ``--resume`` with any
+number of ranks.
+
+How the work is split (see the stages): perplexity and the data-parallel passes shard sequences
+``rank::world``; teacher-input transfer gives each rank a contiguous block of layers; student-input
+transfer and finetune split each global batch ``rank::world`` and sum the gradients.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import RunFailed
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LOST = (
+    "rank {rank} lost contact with the other ranks ({why}); stopping. The checkpoints in DIR/state are intact: "
+    "rerun with --resume, with any number of ranks"
+)
+
+
+@dataclass
+class Comm:
+    """This process's rank in a world of ``world`` processes (rank 0 writes files and reports)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (cuda for NCCL)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (RuntimeError, ConnectionError) as err:  # gloo/NCCL raise DistBackendError, a RuntimeError
+            raise RunFailed(LOST.format(rank=self.rank, why=_why(err))) from None
+
+    def barrier(self) -> None:
+        if self.active:
+            self._call(dist.barrier)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``tensor`` (sum) in place; returns it."""
+        if self.active:
+            self._call(lambda: dist.all_reduce(tensor))
+        return tensor
+
+    def sum(self, *values: float) -> list[float]:
+        """Sums over ranks of a few floats (float64, so the order of ranks barely matters)."""
+        if not self.active:
+            return [float(v) for v in values]
+        t = self.sum_(torch.tensor(values, dtype=torch.float64, device=self.device))
+        return [float(v) for v in t]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, built by this program), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._call(lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj if self.rank == src else None]
+        self._call(lambda: dist.broadcast_object_list(box, src=src))
+        return box[0]
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` with rank ``src``'s values, in place."""
+        if self.active:
+            for t in tensors:
+                self._call(lambda t=t: dist.broadcast(t.data, src=src))
+
+    def shard(self, n: int) -> slice:
+        """This rank's rows of ``n``: ``rank::world``."""
+        return slice(self.rank, n, self.world)
+
+    def cat_shards(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """Undo :meth:`shard`: every rank's ``part`` [n_r, ...] back into the full [n, ...] on every
+        rank (one all-gather of the parts padded to the same length, on ``part``'s device)."""
+        if not self.active:
+            return part
+        rows = -(-n // self.world)
+        padded = part.new_zeros((rows, *part.shape[1:]))
+        padded[: len(part)] = part
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        self._call(lambda: dist.all_gather(parts, padded))
+        out = part.new_empty((n, *part.shape[1:]))
+        for r, p in enumerate(parts):
+            out[r::self.world] = p[: len(range(r, n, self.world))]
+        return out
+
+
+def _why(err: BaseException) -> str:
+    """The first line of a backend error, without its source location."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return re.sub(r"\[[^\]]*:\d+\]\s*", "", first)[:160]
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def env_world() -> tuple[int, int]:
+    """(rank, world size) that torchrun / accelerate put in the environment; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_comm(timeout: float, device: torch.device) -> Comm:
+    """Join the process group of this run (no-op for one process); ``device`` is this rank's."""
+    rank, world = env_world()
+    if world <= 1:
+        return Comm()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        except (RuntimeError, ValueError, ConnectionError) as err:
+            raise RunFailed(
+                f"rank {rank} could not join the other {world - 1} rank(s) ({_why(err)}); "
+                "start every rank with the same torchrun command"
+            ) from None
+    return Comm(dist.get_rank(), dist.get_world_size(), device)
+
+
+def log_to_files(out: Path, comm: Comm) -> None:
+    """With several ranks: each logs to ``out/logs/rank<N>.log``; only rank 0 keeps INFO on the console."""
+    if not comm.active:
+        return
+    folder = Path(out) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"rank{comm.rank}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{comm.rank} %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    if not comm.main:
+        for console in root.handlers:
+            if type(console) is logging.StreamHandler:
+                console.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+def close_comm() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def torchrun_ranks(timeout: float = 1800.0):
+    """The process group for ``distill eval`` under torchrun (gloo: its collectives carry request
+    counts and metrics, not weights); yields this rank's :class:`Comm`."""
+    comm = init_comm(timeout, torch.device("cpu"))
+    try:
+        yield comm
+    finally:
+        close_comm()
+
+
+def split_blocks(costs: list[float], parts: int) -> list[list[int]]:
+    """Cut items 0..n−1 with ``costs`` into ``parts`` contiguous blocks whose largest total is as
+    small as possible (blocks may be empty when parts > n). Returns the item indices per block."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[p][i]: the smallest largest-block cost of the first i items in p blocks; cut[p][i]: last cut.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for p in range(1, parts + 1):
+        for i in range(n + 1):
+            for j in range(i + 1):
+                value = max(best[p - 1][j], prefix[i] - prefix[j])
+                if value < best[p][i]:
+                    best[p][i], cut[p][i] = value, j
+    blocks, i = [], n
+    for p in range(parts, 0, -1):
+        j = cut[p][i]
+        blocks.append(list(range(j, i)))
+        i = j
+    return blocks[::-1]
