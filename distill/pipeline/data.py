@@ -16,17 +16,19 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from ..wiki import HELDOUT_EVERY, wiki_texts
+from ..distributed import Comm
 from ..errors import DistillError
 from .run_config import RunConfig
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+ROUND = 64  # documents per rank per round of tokenisation
 
 
 @dataclass
@@ -134,16 +136,23 @@ def load_documents(cfg: RunConfig) -> Documents:
     return _local(path, cfg.text_field)
 
 
-def _token_stream(docs: Iterable[str], tokenizer, limit: int) -> list[int]:
-    """Token ids of ``docs`` joined by EOS, stopping once ``limit`` tokens are collected."""
+def _token_stream(docs: list[str], tokenizer, limit: int, comm: Comm | None = None) -> list[int]:
+    """Token ids of ``docs`` joined by EOS, stopping after the document that brings them to
+    ``limit``. With several ranks each tokenises every world-th document of a round of
+    ``ROUND`` × world, and the rounds are gathered in document order: the ids one process gets."""
+    comm = comm or Comm()
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for doc in docs:
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        if len(ids) >= limit:
-            break
+    step = ROUND * comm.world
+    for start in range(0, len(docs), step):
+        chunk = docs[start : start + step]
+        parts = comm.gather([tokenizer(d, add_special_tokens=False)["input_ids"] for d in chunk[comm.rank :: comm.world]])
+        for j in range(len(chunk)):
+            ids.extend(parts[j % comm.world][j // comm.world])
+            if eos is not None:
+                ids.append(eos)
+            if len(ids) >= limit:
+                return ids
     return ids
 
 
@@ -157,16 +166,16 @@ def _windows(ids: list[int], count: int, seq_len: int, what: str, source: str, k
     return torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
 
 
-def tokenize(cfg: RunConfig, tokenizer, train_docs: list[str], heldout_docs: list[str]) -> TokenData:
-    """Cut documents into train [N, T] and held-out [M, T] windows."""
+def tokenize(cfg: RunConfig, tokenizer, train_docs: list[str], heldout_docs: list[str], comm: Comm | None = None) -> TokenData:
+    """Cut documents into train [N, T] and held-out [M, T] windows (tokenised over the ranks of ``comm``)."""
     n, m, T = cfg.calib_sequences, cfg.heldout_sequences, cfg.seq_len
     train_docs = list(train_docs)
     random.Random(cfg.seed).shuffle(train_docs)  # calibration text from all over the corpus
     if heldout_docs:
-        train_ids = _token_stream(train_docs, tokenizer, n * T)
-        heldout_ids = _token_stream(heldout_docs, tokenizer, m * T)
+        train_ids = _token_stream(train_docs, tokenizer, n * T, comm)
+        heldout_ids = _token_stream(heldout_docs, tokenizer, m * T, comm)
     else:  # few documents: the stream's last tenth is held out
-        ids = _token_stream(train_docs, tokenizer, 10 * (n + m) * T)
+        ids = _token_stream(train_docs, tokenizer, 10 * (n + m) * T, comm)
         cut = len(ids) - max(m * T, len(ids) // HELDOUT_EVERY)
         train_ids, heldout_ids = ids[:cut], ids[cut:]
     return windows(cfg, train_ids, heldout_ids)
@@ -215,10 +224,14 @@ def sample_self(cfg: RunConfig, model, tokenizer, batch: int = 8) -> TokenData:
     return TokenData(train=draw(cfg.calib_sequences, cfg.seed), heldout=draw(cfg.heldout_sequences, cfg.seed + 1))
 
 
-def prepare_data(cfg: RunConfig, model, tokenizer) -> TokenData:
-    if cfg.data == "self":
-        return sample_self(cfg, model, tokenizer)
-    if cfg.data not in SOURCES and not is_local(cfg.data):
-        return windows(cfg, *_hub_tokens(cfg, tokenizer))
+def prepare_data(cfg: RunConfig, model, tokenizer, comm: Comm | None = None) -> TokenData:
+    """The run's token windows, the same on every rank of ``comm``: local text and ``wiki`` are
+    tokenised over the ranks; ``self`` and hub datasets are made by rank 0 and sent to the others."""
+    comm = comm or Comm()
+    if cfg.data == "self" or (cfg.data not in SOURCES and not is_local(cfg.data)):
+        data = None
+        if comm.main:
+            data = sample_self(cfg, model, tokenizer) if cfg.data == "self" else windows(cfg, *_hub_tokens(cfg, tokenizer))
+        return comm.broadcast(data)
     train_docs, heldout_docs = load_documents(cfg)
-    return tokenize(cfg, tokenizer, train_docs, heldout_docs)
+    return tokenize(cfg, tokenizer, train_docs, heldout_docs, comm)

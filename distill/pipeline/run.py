@@ -96,13 +96,13 @@ class Timer:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
-def _stage_data(cfg: RunConfig, model, tokenizer, store: RunStore, timer: Timer) -> TokenData:
+def _stage_data(cfg: RunConfig, model, tokenizer, store: RunStore, timer: Timer, comm: Comm) -> TokenData:
     if store.has("data"):
         tensors, meta = store.load("data")
         timer.add("data", meta["seconds"])
         return TokenData(train=tensors["train"], heldout=tensors["heldout"])
     start = time.time()
-    data = prepare_data(cfg, model, tokenizer)
+    data = prepare_data(cfg, model, tokenizer, comm)
     seconds = time.time() - start
     store.save("data", {"train": data.train, "heldout": data.heldout}, {"seconds": seconds})
     timer.add("data", seconds)
@@ -180,6 +180,7 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     header = run_header(spec, cfg)
     check_same_ranks(comm, {**header, "out": str(out.resolve()), "resume": resume, "overwrite": overwrite})
     check_run_dir(out, header, resume, overwrite)  # fail fast, before the slow model load
+    comm.barrier()  # every rank has looked at DIR before rank 0 may create or replace it
     threads = set_threads((RunStore(out).open().get("threads") if resume else None) or cfg.threads)
 
     start = time.time()
@@ -206,8 +207,7 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     progress = tqdm if comm.main else partial(tqdm, disable=True)
     ctx = StageContext(seed=cfg.seed, store=store, progress=progress, device=device, dtype=getattr(torch, cfg.dtype), comm=comm)
 
-    data = _stage_data(cfg, model, tokenizer, store, timer) if comm.main else None  # data=self samples: before the swap
-    data = comm.broadcast(data)
+    data = _stage_data(cfg, model, tokenizer, store, timer, comm)  # data=self samples from the teacher: before the swap
     convert_model(model, cfg.model)
     prepare_new_parameters(model)
 
