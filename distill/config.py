@@ -62,7 +62,7 @@ class ConvertConfig:
         if not isinstance(self.window, int) or self.window < 0:
             raise DistillError(f"window must be an integer >= 0, got {self.window!r}")
         if not isinstance(self.recurrence, str) or not self.recurrence:
-            raise DistillError("recurrence must be a registered name (linear, gla, delta, gated_delta) or 'package.module:Class'")
+            raise DistillError("recurrence must be a registered name (linear, gla, liger, delta, gated_delta) or 'package.module:Class'")
         if not isinstance(self.recurrence_kwargs, dict):
             raise DistillError("recurrence_kwargs must be a mapping, e.g. {gate_rank: 16}")
         if self.decay not in DECAYS:

@@ -11,6 +11,11 @@ optional per-head decay (``decay``), and per token t:
   The gate reads the token's value projection (a linear map of the layer input that needs no
   RoPE undone); ``c`` ≥ 0 starts at 0, so a fresh ``gla`` sublayer equals ``linear``. Normalised
   like ``linear``, with z under the same gates.
+- ``liger`` (Liger's gate, Lan et al., 2025): ``gla`` whose gate reuses the teacher's key instead
+  of a projection of its own, ``log α_t = c ⊙ log σ(pool_F(ρ(k_t))) + log γ``: ρ takes the norm of
+  each pair of channels that RoPE rotates together (so the gate does not move with the position),
+  pool_F averages those D/2 norms into F bins, and ``c`` ≥ 0 (per kv head and feature, the only
+  new parameters) starts at 0, so a fresh ``liger`` sublayer equals ``linear``.
 - ``delta`` (DeltaNet, Schlag et al., 2021; Yang et al., 2024):
   ``S_t = γ (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ``, ``k̂ = φ(k)/‖φ(k)‖``, readout
   ``S_tᵀ q̂_t`` (``q̂ = φ(q)/‖φ(q)‖``) with ``β_t = σ(w_β · v_t + b_β)`` per kv head (starts at
@@ -132,9 +137,13 @@ class GatedLinearRecurrence(Recurrence):
         if not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 1:
             raise DistillError(f"gla gate_rank must be a positive integer, got {gate_rank!r}")
 
-    def log_alpha(self, v, valid, log_decay) -> torch.Tensor:
+    def log_gate(self, k, v) -> torch.Tensor:
+        """The data-dependent part of log α: [B,T,Hk,F] ≤ 0."""
+        return -self.gate_strength.float() * torch.sigmoid(self.gate(v))
+
+    def log_alpha(self, k, v, valid, log_decay) -> torch.Tensor:
         """log α [B,T,Hk,F] ≤ 0: 0 (open) on padding."""
-        la = -self.gate_strength.float() * torch.sigmoid(self.gate(v))  # (B, T, Hk, F)
+        la = self.log_gate(k, v)  # (B, T, Hk, F)
         if log_decay is not None:
             la = la + log_decay.float()[:, None]
         return la if valid is None else la * valid[:, :, None, None]
@@ -142,11 +151,31 @@ class GatedLinearRecurrence(Recurrence):
     def scan(self, fm, q, k, v, valid, log_decay, state, recurrent):
         op = ops.recurrent_gla if recurrent else ops.chunk_gla
         pq, pk = fm.phi_q(q).float(), fm.phi_k(k).float()  # (B,T,H,F), (B,T,Hk,F)
-        return op(pq, pk, _values_with_ones(v, valid), self.log_alpha(v, valid, log_decay), initial_state=state)
+        return op(pq, pk, _values_with_ones(v, valid), self.log_alpha(k, v, valid, log_decay), initial_state=state)
 
     @torch.no_grad()
     def constrain_(self) -> None:
         self.gate_strength.clamp_(min=0)
+
+
+@register_recurrence("liger")
+class KeyGatedLinearRecurrence(GatedLinearRecurrence):
+    """``gla`` with Liger's gate from the teacher's key, no gate projection (see the module docstring)."""
+
+    def __init__(self, head_dim: int, num_kv_heads: int, feature_dim: int):
+        Recurrence.__init__(self, head_dim, num_kv_heads, feature_dim)
+        self.gate_strength = nn.Parameter(torch.zeros(num_kv_heads, feature_dim, dtype=torch.float32))  # c ≥ 0
+
+    @classmethod
+    def check(cls) -> None:
+        pass
+
+    def log_gate(self, k, v) -> torch.Tensor:
+        half = k.shape[-1] // 2
+        k = k.float()
+        rho = torch.sqrt(k[..., :half] ** 2 + k[..., half : 2 * half] ** 2)  # (B, T, Hk, D/2): RoPE-invariant
+        pooled = F.adaptive_avg_pool1d(rho.flatten(0, 2)[:, None], self.feature_dim).view(*k.shape[:3], -1)  # (B, T, Hk, F)
+        return self.gate_strength.float() * F.logsigmoid(pooled)
 
 
 @register_recurrence("delta")

@@ -39,7 +39,7 @@ def stepwise_logits(model, tokens):
 
 
 def test_the_grid_covers_the_builtins():
-    assert {"linear", "gla", "delta", "gated_delta"} <= set(RECURRENCE_NAMES)
+    assert {"linear", "gla", "liger", "delta", "gated_delta"} <= set(RECURRENCE_NAMES)
 
 
 @pytest.mark.parametrize("recurrence,depth,window", GRID)
@@ -85,7 +85,7 @@ def test_left_padded_batch_equals_one_by_one(recurrence, window):
             assert torch.equal(batched[i, width : width + len(alone)], alone), f"prompt {i}"
 
 
-@pytest.mark.parametrize("gated,plain", [("gla", "linear"), ("gated_delta", "delta")])
+@pytest.mark.parametrize("gated,plain", [("gla", "linear"), ("liger", "linear"), ("gated_delta", "delta")])
 @pytest.mark.parametrize("window", [0, 8])
 def test_a_fresh_gated_sublayer_equals_its_ungated_form(gated, plain, window, long_tokens):
     """Gate strengths start at 0, so a fresh gated layer computes exactly its ungated form (the
@@ -120,7 +120,7 @@ def test_gates_and_decays_stay_float32_in_bf16(long_tokens):
 def test_unknown_recurrence_is_one_line_and_leaves_the_model_untouched():
     teacher = tiny_model()
     before = type(teacher.model.layers[0].self_attn)
-    with pytest.raises(DistillError, match="unknown recurrence 'nope'; registered: delta, gated_delta, gla, linear"):
+    with pytest.raises(DistillError, match="unknown recurrence 'nope'; registered: delta, gated_delta, gla, liger, linear"):
         convert_model(teacher, ConvertConfig(recurrence="nope"))
     assert type(teacher.model.layers[0].self_attn) is before
     with pytest.raises(DistillError, match="does not take"):
@@ -153,3 +153,28 @@ def test_masked_tokens_leave_the_state_unchanged(recurrence):
         o_ref, state_ref = rnn.scan(q[:, keep], k[:, keep], v[:, keep], None, None, recurrent=False)
     torch.testing.assert_close(o[:, keep], o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, state_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_liger_gate_reads_the_key_and_ignores_its_rotary_position():
+    """Liger's gate has no projection: it is a function of the key alone, and the same key rotated
+    by RoPE to another position gives the same gate."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from distill.layer import apply_rope
+    from distill.recurrence import RECURRENCES
+
+    torch.manual_seed(0)
+    gate = RECURRENCES["liger"](head_dim=16, num_kv_heads=2, feature_dim=12)
+    with torch.no_grad():
+        gate.gate_strength.uniform_(0.5, 2.0)
+    assert [n for n, _ in gate.named_parameters()] == ["gate_strength"]
+    k = torch.randn(1, 1, 2, 16).expand(1, 40, 2, 16)  # one key at 40 positions
+    cos, sin = LlamaRotaryEmbedding(LlamaConfig(head_dim=16, hidden_size=64, num_attention_heads=4))(k, torch.arange(40)[None])
+    rotated = apply_rope(k, cos, sin)
+    assert not torch.allclose(rotated[:, 0], rotated[:, 39])
+    log_alpha = gate.log_alpha(rotated, None, None, None)  # (1, 40, 2, 12)
+    torch.testing.assert_close(log_alpha, log_alpha[:, :1].expand_as(log_alpha), atol=1e-5, rtol=0)
+    assert (log_alpha < 0).all()
+    other = gate.log_alpha(torch.randn(1, 1, 2, 16), None, None, None)
+    assert not torch.allclose(other, log_alpha[:, :1], atol=1e-3)
