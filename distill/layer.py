@@ -10,10 +10,11 @@ after RoPE:
 
 where s_ts = q_t·k_s·scale (the teacher's scale, capped as c·tanh(s/c) where the teacher
 soft-caps its attention logits, Gemma 2; the linear part then approximates the capped scores),
-S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a learned per-head mixing factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is
-the larger of the window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two
-parts is 1: the denominator is then at least 1, ε never dominates, and no factor overflows
-(e^{log g − m} is computed as one exponent). A per-kv-head decay γ multiplies S and z at each
+S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a learned per-head mixing
+factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is the larger of the
+window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two parts is 1: the
+denominator is then at least 1, ε never dominates, and no factor overflows (e^{log g − m} is
+computed as one exponent). A per-kv-head decay γ multiplies S and z at each
 step when enabled.
 
 Sublayer j ≥ 2 reads the previous sublayer's per-head output y^{j−1} [B,T,H,D]:
@@ -117,8 +118,9 @@ def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float, soft
     """Unnormalised softmax over a sliding window.
 
     q [B,T,H,D]; k_all, v_all [B,w+T,Hk,D]; valid_all [B,w+T]. Query t sees k_all[t+1 : t+w+1]
-    (itself and the w−1 keys before it). Scores are capped as the teacher caps them (``softcap``). Returns num [B,T,H,D], den [B,T,H] and the shift
-    m [B,T,H] = the largest visible score (``NO_SCORE`` if none), with num/den = Σ e^{s−m}(v, 1).
+    (itself and the w−1 keys before it); scores are capped as the teacher caps them (``softcap``).
+    Returns num [B,T,H,D], den [B,T,H] and the shift m [B,T,H] = the largest visible score
+    (``NO_SCORE`` if none), with num/den = Σ e^{s−m}(v, 1).
     """
     B, T, H, D = q.shape
     Hk = k_all.shape[2]
