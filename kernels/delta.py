@@ -98,7 +98,7 @@ def chunk_delta_rule(
     beta: torch.Tensor,
     log_alpha: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked (WY) form; same contract as :func:`naive_delta_rule`.
 

@@ -125,7 +125,7 @@ def test_gla_chunk_sizes():
     args = gla_inputs(1, 45, 4, 2, 6, 7, "small", True, seed=3)
     want = run_with_grads(gated.naive_gla, args)
     names = grad_names(args, GLA_NAMES)
-    for chunk_size, sub_chunk in ((16, 4), (32, 32), (8, 16)):
+    for chunk_size, sub_chunk in ((64, 16), (16, 4), (32, 32), (8, 16)):
         fn = lambda *a: gated.chunk_gla(*a, chunk_size=chunk_size, sub_chunk=sub_chunk)  # noqa: E731
         assert_match(run_with_grads(fn, args), want, TOL64, names)
     with pytest.raises(ValueError, match="chunk_size must be a multiple of sub_chunk"):
@@ -146,7 +146,7 @@ def test_delta_rule_chunk_sizes():
     args = delta_inputs(1, 45, 4, 2, 6, 7, "small", True, seed=3)
     want = run_with_grads(delta.naive_delta_rule, args)
     names = grad_names(args, DELTA_NAMES)
-    for chunk_size in (1, 16, 32):
+    for chunk_size in (1, 16, 64):
         fn = lambda *a: delta.chunk_delta_rule(*a, chunk_size=chunk_size)  # noqa: E731
         assert_match(run_with_grads(fn, args), want, TOL64, names)
 
