@@ -92,12 +92,6 @@ class Comm:
         self._call(lambda: dist.broadcast_object_list(box, src=src))
         return box[0]
 
-    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
-        """Overwrite ``tensors`` with rank ``src``'s values, in place."""
-        if self.active:
-            for t in tensors:
-                self._call(lambda t=t: dist.broadcast(t.data, src=src))
-
     def shard(self, n: int) -> slice:
         """This rank's rows of ``n``: ``rank::world``."""
         return slice(self.rank, n, self.world)
@@ -132,6 +126,11 @@ def env_local_rank() -> int:
 def env_world() -> tuple[int, int]:
     """(rank, world size) that torchrun / accelerate put in the environment; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank_zero() -> bool:
+    """Whether this process speaks for the run: one process, or rank 0 under torchrun."""
+    return env_world()[0] == 0
 
 
 def init_comm(timeout: float, device: torch.device) -> Comm:

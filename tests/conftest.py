@@ -104,6 +104,44 @@ def perturb_new_parameters(model, seed: int = 1, scale: float = 0.1) -> None:
                         p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def stepwise_logits(model, tokens, mask=None, cache=None):
+    """Logits [B,T,V] of ``tokens`` fed one at a time through the recurrent cache (a fresh one, or
+    ``cache``, which the caller can then inspect); ``mask`` is the 2D attention mask, if any."""
+    cache = model.new_cache() if cache is None else cache
+    outs = []
+    for t in range(tokens.shape[1]):
+        m = None if mask is None else mask[:, : t + 1]
+        outs.append(model(tokens[:, t : t + 1], attention_mask=m, cache=cache, use_cache=True).logits)
+    return torch.cat(outs, 1)
+
+
+def greedy_uncached(model, prompt, steps: int):
+    """``prompt`` [B,T] continued greedily by ``steps`` tokens, a full forward per token and no
+    cache: the reference for cached ``generate``."""
+    seq = prompt
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
+def assert_left_padded_batch_equals_one_by_one(model, max_new_tokens: int) -> None:
+    """Greedy ``generate`` on a left-padded batch of three prompts equals each prompt alone; a row
+    that stops early (EOS) is padded in the batch."""
+    torch.manual_seed(7)
+    prompts = [torch.randint(3, VOCAB, (n,)) for n in (11, 6, 3)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        for i, p in enumerate(prompts):
+            alone = model.generate(p[None], max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)[0, len(p) :]
+            assert torch.equal(batched[i, width : width + len(alone)], alone), f"prompt {i}"
+            assert (batched[i, width + len(alone) :] == 0).all()
+
+
 @pytest.fixture
 def tokens():
     torch.manual_seed(123)

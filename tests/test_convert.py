@@ -3,7 +3,15 @@ import itertools
 
 import pytest
 import torch
-from conftest import CONFIGS, VOCAB, perturb_new_parameters, tiny_model
+from conftest import (
+    CONFIGS,
+    VOCAB,
+    assert_left_padded_batch_equals_one_by_one,
+    greedy_uncached,
+    perturb_new_parameters,
+    stepwise_logits,
+    tiny_model,
+)
 from transformers import AutoModelForCausalLM, GPT2Config
 
 import distill
@@ -20,15 +28,6 @@ def student(arch="llama", perturb=True, **cfg):
     if perturb:
         perturb_new_parameters(model)
     return model
-
-
-def stepwise_logits(model, tokens, mask=None):
-    """Feed tokens one at a time through the recurrent cache."""
-    cache, outs = model.new_cache(), []
-    for t in range(tokens.shape[1]):
-        m = None if mask is None else mask[:, : t + 1]
-        outs.append(model(tokens[:, t : t + 1], attention_mask=m, cache=cache, use_cache=True).logits)
-    return torch.cat(outs, 1)
 
 
 GRID = list(itertools.product(MAPS, [1, 2, 3], [0, 4], ["none", "fixed", "learned"]))
@@ -94,10 +93,7 @@ def test_prefill_decode_and_generate_past_a_chunk_and_a_query_block(fmap, depth,
         prompt = long_tokens[:1, :290]
         cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
         assert cached.shape[1] > prompt.shape[1]
-        seq = prompt
-        for _ in range(cached.shape[1] - prompt.shape[1]):  # uncached reference (stops where EOS stopped it)
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
+        seq = greedy_uncached(model, prompt, cached.shape[1] - prompt.shape[1])  # stops where EOS stopped it
     assert torch.equal(cached, seq)
 
 
@@ -158,30 +154,14 @@ def test_cached_generate_equals_uncached_greedy(window, tokens):
     prompt = tokens[:1, :9]
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
-        seq = prompt
-        for _ in range(12):  # uncached reference: full forward each step, argmax
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
+        seq = greedy_uncached(model, prompt, 12)
     assert torch.equal(cached, seq)
 
 
 @pytest.mark.parametrize("window", [0, 4])
 def test_left_padded_batch_equals_one_by_one(window):
     model = student(feature_map="hedgehog", depth=2, window=window, decay="fixed")
-    torch.manual_seed(7)
-    prompts = [torch.randint(3, 97, (n,)) for n in (11, 6, 3)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        for i, p in enumerate(prompts):
-            alone = model.generate(p[None], max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p) :]
-            # a row that stops early (EOS) is padded in the batch
-            assert torch.equal(batched[i, width : width + len(alone)], alone), f"prompt {i}"
-            assert (batched[i, width + len(alone) :] == 0).all()
+    assert_left_padded_batch_equals_one_by_one(model, max_new_tokens=8)
 
 
 def test_beam_search_and_sampling_run_on_the_cache(tokens):

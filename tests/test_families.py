@@ -4,7 +4,7 @@ decodes, generates and saves like any other. ``test_every_architecture_converts`
 checks teacher mode against the unconverted model and parallel = recurrent for each family."""
 import pytest
 import torch
-from conftest import CONFIGS, perturb_new_parameters, tiny_model
+from conftest import CONFIGS, greedy_uncached, perturb_new_parameters, stepwise_logits, tiny_model
 from pipeline_tiny import CHARS, TINY_OVERRIDES, tiny_tokenizer, write_text
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -24,13 +24,6 @@ def student(arch, **cfg):
     return model
 
 
-def stepwise_logits(model, tokens):
-    cache, outs = model.new_cache(), []
-    for t in range(tokens.shape[1]):
-        outs.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(outs, 1), cache
-
-
 def test_every_family_has_a_tiny_config():
     assert set(CONFIGS) == set(ARCHITECTURES)
 
@@ -41,10 +34,7 @@ def test_cached_generate_equals_uncached(arch, tokens):
     prompt = tokens[:1, :9]
     with torch.no_grad():
         cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
-        seq = prompt
-        for _ in range(cached.shape[1] - prompt.shape[1]):  # uncached reference (stops where EOS stopped it)
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
+        seq = greedy_uncached(model, prompt, cached.shape[1] - prompt.shape[1])  # stops where EOS stopped it
     assert cached.shape[1] > prompt.shape[1] and torch.equal(cached, seq)
 
 
@@ -71,7 +61,7 @@ def test_kept_softmax_layer_beside_a_converted_one(arch, tmp_path, tokens):
     with torch.no_grad():
         torch.testing.assert_close(model(tokens, distill_mode="teacher").logits, reference, atol=1e-5, rtol=0)
         parallel = model(tokens, use_cache=False).logits
-        stepwise, _ = stepwise_logits(model, tokens)
+        stepwise = stepwise_logits(model, tokens)
     torch.testing.assert_close(stepwise, parallel, atol=1e-4, rtol=0)
     model.save_pretrained(tmp_path)
     again = load_converted(tmp_path)
@@ -93,7 +83,8 @@ def test_sliding_layers_keep(arch, tmp_path, tokens):
     assert not isinstance(layers[0].self_attn, LinearAttention) and isinstance(layers[1].self_attn, LinearAttention)
     with torch.no_grad():
         parallel = model(tokens, use_cache=False).logits
-        stepwise, cache = stepwise_logits(model, tokens)
+        cache = model.new_cache()
+        stepwise = stepwise_logits(model, tokens, cache=cache)
     torch.testing.assert_close(stepwise, parallel, atol=1e-4, rtol=0)
     assert isinstance(cache.layers[0], DynamicSlidingWindowLayer)
     assert cache.layers[0].keys.shape[2] < 8 < tokens.shape[1]  # bounded by the window, not the context
@@ -219,7 +210,7 @@ def test_gemma2_runs_through_the_pipeline(tmp_path):
     ids = torch.randint(3, len(CHARS) + 2, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
-        stepwise, _ = stepwise_logits(model, ids)
+        stepwise = stepwise_logits(model, ids)
     assert torch.isfinite(parallel).all()
     torch.testing.assert_close(stepwise, parallel, atol=1e-4, rtol=0)
 

@@ -4,7 +4,14 @@ import itertools
 
 import pytest
 import torch
-from conftest import VOCAB, perturb_new_parameters, tiny_model
+from conftest import (
+    VOCAB,
+    assert_left_padded_batch_equals_one_by_one,
+    greedy_uncached,
+    perturb_new_parameters,
+    stepwise_logits,
+    tiny_model,
+)
 
 from distill import ConvertConfig, convert_model, load_converted
 from distill.errors import DistillError
@@ -31,13 +38,6 @@ def student(recurrence, depth=1, window=0, perturb=True, **cfg):
     return model
 
 
-def stepwise_logits(model, tokens):
-    cache, outs = model.new_cache(), []
-    for t in range(tokens.shape[1]):
-        outs.append(model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits)
-    return torch.cat(outs, 1)
-
-
 def test_the_grid_covers_the_builtins():
     assert {"linear", "gla", "liger", "delta", "gated_delta"} <= set(RECURRENCE_NAMES)
 
@@ -62,27 +62,13 @@ def test_prefill_decode_and_cached_generate(recurrence, window, long_tokens):
         torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
         prompt = long_tokens[:1, :280]
         cached = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-        seq = prompt
-        for _ in range(cached.shape[1] - prompt.shape[1]):
-            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        seq = greedy_uncached(model, prompt, cached.shape[1] - prompt.shape[1])
     assert cached.shape[1] > prompt.shape[1] and torch.equal(cached, seq)
 
 
 @pytest.mark.parametrize("recurrence,window", list(itertools.product(RECURRENCE_NAMES, [0, 4])))
 def test_left_padded_batch_equals_one_by_one(recurrence, window):
-    model = student(recurrence, 2, window, decay="learned")
-    torch.manual_seed(7)
-    prompts = [torch.randint(3, VOCAB, (n,)) for n in (11, 6, 3)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        for i, p in enumerate(prompts):
-            alone = model.generate(p[None], max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(p) :]
-            assert torch.equal(batched[i, width : width + len(alone)], alone), f"prompt {i}"
+    assert_left_padded_batch_equals_one_by_one(student(recurrence, 2, window, decay="learned"), max_new_tokens=6)
 
 
 @pytest.mark.parametrize("gated,plain", [("gla", "linear"), ("liger", "linear"), ("gated_delta", "delta")])

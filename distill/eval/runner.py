@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed import is_rank_zero
 from ..errors import DistillError
 from ..files import atomic_write_text
 from . import long_context as long_report
@@ -69,11 +70,6 @@ def evaluate_model(model, tokenizer, tasks: list[Any], *, manager=None, batch_si
     return results
 
 
-def is_main_rank() -> bool:
-    """False on torchrun ranks other than 0 (they score their share; rank 0 reports)."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 def merge_results(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     """lm-eval results of more tasks added to ``into``: per-task tables merge, the rest stays."""
     for key, value in more.items():
@@ -109,7 +105,7 @@ def evaluate_all(model, tokenizer, objects: list[Any], direct: list[str], *, man
         log.info("%s: prompts up to %d tokens, batches of %d", task.task_name, prompt, small)
         merge_results(results, evaluate_model(model, tokenizer, [task], manager=manager, batch_size=small,
                                               max_length=needed, limit=limit))
-    for name in direct if is_main_rank() else ():  # distill's own tasks run on rank 0
+    for name in direct if is_rank_zero() else ():  # distill's own tasks run on rank 0
         spec = DIRECT_TASKS[name]
         merge_results(results, spec.evaluate(model, tokenizer, getattr(options, spec.options_field)))
     return results
@@ -290,7 +286,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         del model, tokenizer
         wall[role] = time.perf_counter() - start
 
-    if not is_main_rank():
+    if not is_rank_zero():
         return None
     rows = compare(results["student"], results.get("teacher"), names, chance, plan.headline)
     line = summary(rows, plan.headline, wall)

@@ -62,13 +62,13 @@ class ConvertCommand(Command):
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from ..distributed import env_world
+        from ..distributed import is_rank_zero
         from .run_config import load_run_config
         from .run import run_convert
 
         cfg = load_run_config(args.config, args.overrides)
         report = run_convert(args.model, args.out, cfg, resume=args.resume, overwrite=args.overwrite)
-        if env_world()[0] == 0:  # under torchrun, rank 0 speaks for the run
+        if is_rank_zero():
             print(
                 f"held-out perplexity: teacher {report['teacher_ppl']:.3f}, student {report['student_ppl']:.3f} "
                 f"({report['ppl_ratio']:.3f}x); {report['seconds']['total']:.0f} s; model and report in {args.out}"
