@@ -15,7 +15,10 @@ class RecurrentLayer(CacheLayerMixin):
 
     states: one fp32 tensor per stacked sublayer, [B, Hk, F, D+1] (S and z together).
     recent: the last w keys and values and their padding flags (keys [B, w, Hk, D], values
-    [B, w, Hk, D], valid [B, w]), which the softmax window attends exactly.
+    [B, w, Hk, D], valid [B, w]), which the softmax window attends exactly (with a sparse cache,
+    also their recall scores [B, w, Hk]).
+    sparse: with ``sparse_cache: M``, the old keys kept exact per kv head (keys, values [B, M, Hk, D],
+    scores, valid [B, M, Hk]); see :mod:`distill.sparse_cache`.
     """
 
     is_compileable = False
@@ -26,7 +29,8 @@ class RecurrentLayer(CacheLayerMixin):
     def __init__(self) -> None:
         super().__init__()
         self.states: list[torch.Tensor] | None = None
-        self.recent: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.recent: tuple[torch.Tensor, ...] | None = None
+        self.sparse: tuple[torch.Tensor, ...] | None = None
         self.seen = 0
 
     def lazy_initialization(self, *args, **kwargs) -> None:  # state is created by the first forward
@@ -35,8 +39,8 @@ class RecurrentLayer(CacheLayerMixin):
     def update(self, *args, **kwargs):
         raise NotImplementedError("a converted layer keeps a recurrent state, not keys and values")
 
-    def store(self, states: list[torch.Tensor], recent, num_tokens: int) -> None:
-        self.states, self.recent = states, recent
+    def store(self, states: list[torch.Tensor], recent, num_tokens: int, sparse=None) -> None:
+        self.states, self.recent, self.sparse = states, recent, sparse
         self.seen += num_tokens
         self.is_initialized = True
 
@@ -56,7 +60,7 @@ class RecurrentLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.states, self.recent, self.seen, self.is_initialized = None, None, 0, False
+        self.states, self.recent, self.sparse, self.seen, self.is_initialized = None, None, None, 0, False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a recurrent state cannot be rolled back; assisted decoding is not supported")
@@ -66,6 +70,8 @@ class RecurrentLayer(CacheLayerMixin):
             self.states = [fn(s) for s in self.states]
         if self.recent is not None:
             self.recent = tuple(fn(t) for t in self.recent)
+        if self.sparse is not None:
+            self.sparse = tuple(fn(t) for t in self.sparse)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -81,7 +87,7 @@ class RecurrentLayer(CacheLayerMixin):
         return self.states[0].shape[0] if self.states else -1
 
     def nbytes(self) -> int:
-        tensors = list(self.states or []) + list(self.recent or [])
+        tensors = list(self.states or []) + list(self.recent or []) + list(self.sparse or [])
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -35,6 +35,10 @@ class ConvertConfig:
         ``sliding_window``, the ``sliding_attention`` layers of Qwen2, Gemma 2/3, SmolLM3):
         ``convert`` (default, as every other layer) or ``keep`` (they keep their softmax
         attention, whose KV cache is already bounded by the window, like ``keep_softmax_layers``).
+    sparse_cache: a constant-size sparse global cache (LoLA): per kv head, up to this many keys
+        that have left the window stay exact, the ones the linear state recalls worst
+        (:mod:`distill.sparse_cache`); 0 = off. Needs ``window`` > 0, the ``linear`` recurrence
+        and no decay. Training-free: conversion trains without it and switches it on at the end.
     eps: added to the normaliser.
     """
 
@@ -48,6 +52,7 @@ class ConvertConfig:
     keep_softmax_layers: list[int] = field(default_factory=list)
     eps: float = 1e-6
     sliding_layers: str = "convert"
+    sparse_cache: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +74,13 @@ class ConvertConfig:
             raise DistillError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if self.sliding_layers not in SLIDING_LAYERS:
             raise DistillError(f"sliding_layers must be one of {', '.join(SLIDING_LAYERS)}, got {self.sliding_layers!r}")
+        if not isinstance(self.sparse_cache, int) or isinstance(self.sparse_cache, bool) or self.sparse_cache < 0:
+            raise DistillError(f"sparse_cache must be an integer >= 0 (keys per kv head; 0 = off), got {self.sparse_cache!r}")
+        if self.sparse_cache and (not self.window or self.recurrence != "linear" or self.decay != "none"):
+            raise DistillError(
+                "sparse_cache needs a softmax window, the linear recurrence and no decay "
+                f"(got window={self.window}, recurrence={self.recurrence}, decay={self.decay}); set those or sparse_cache=0"
+            )
         if not self.eps > 0:
             raise DistillError(f"eps must be > 0, got {self.eps!r}")
         layers = list(self.keep_softmax_layers)

@@ -204,6 +204,7 @@ def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> 
             depth=cfg.depth,
             window=cfg.window,
             eps=cfg.eps,
+            sparse_cache=cfg.sparse_cache,
             **arch.layer_options(config, i),
         )
         ref = attn.o_proj.weight
@@ -255,6 +256,19 @@ def restore_softmax(model: nn.Module, indices: list[int]) -> None:
         layers[i].self_attn = attn.to(device=student.o_proj.weight.device)
     cfg = ConvertConfig.from_dict(model.config.distill)
     cfg.keep_softmax_layers = sorted(set(cfg.keep_softmax_layers) | set(indices))
+    model.config.distill = cfg.to_dict()
+
+
+def set_sparse_cache(model: nn.Module, keys: int) -> None:
+    """Switch the sparse global cache of every converted layer to ``keys`` per kv head (0 = off)
+    and record it in the model's config, so that save/load keeps it. Training-free: any converted
+    hybrid of the linear recurrence without decay takes it."""
+    if not isinstance(getattr(model.config, "distill", None), dict):
+        raise DistillError("a sparse cache needs a converted model (distill convert's output), not a teacher")
+    cfg = ConvertConfig.from_dict({**model.config.distill, "sparse_cache": keys})  # checks it
+    for module in model.modules():
+        if isinstance(module, LinearAttention):
+            module.sparse_cache = keys
     model.config.distill = cfg.to_dict()
 
 

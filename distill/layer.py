@@ -15,7 +15,9 @@ factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is the la
 window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two parts is 1: the
 denominator is then at least 1, ε never dominates, and no factor overflows (e^{log g − m} is
 computed as one exponent). A per-kv-head decay γ multiplies S and z at each
-step when enabled.
+step when enabled. With ``sparse_cache = M`` (:mod:`distill.sparse_cache`, LoLA) the exact part
+also holds up to M older keys per kv head, the ones the linear state recalls worst, and S/z leave
+them out.
 
 Sublayer j ≥ 2 reads the previous sublayer's per-head output y^{j−1} [B,T,H,D]:
 
@@ -37,11 +39,11 @@ from torch import nn
 from .cache import RecurrentLayer
 from .fp32 import KeepFloat32
 from .rnn import LinearRNN, RNNSpec
+from .softmax import mix_exact_linear, softmax_attention, teacher_mask, window_softmax
+from .sparse_cache import sparse_hybrid
 
 MODES = ("auto", "parallel", "recurrent", "teacher")
 SHARED_MODULES = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm")  # the teacher's, not copies
-QUERY_BLOCK = 256  # queries per block in the windowed softmax
-NO_SCORE = -1e4  # shift floor for a query that sees no key (padding): keeps e^{s−m} at 0, not NaN
 
 
 class StackSublayer(nn.Module):
@@ -79,78 +81,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([(turned * cos) + (rotate_half(turned) * sin), rest], dim=-1).to(x.dtype)
 
 
-def cap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Attention-logit soft-capping (Gemma 2): s -> c·tanh(s/c); identity when ``softcap`` is None."""
-    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
-
-
-def softmax_attention(q, k, v, mask, scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """Masked softmax attention: q [B,T,H,D], k/v [B,S,Hk,D], mask bool [B|1,1,T,S] (True = visible)
-    -> y [B,T,H,D]. SDPA when the scores are not capped; else the plain quadratic form, with the
-    softmax in fp32 as the teacher's eager attention does."""
-    if softcap is None:
-        y = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scaling, enable_gqa=True
-        )  # (B, H, T, D)
-        return y.transpose(1, 2)
-    G = q.shape[2] // k.shape[2]
-    kh, vh = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)  # (B, S, H, D)
-    scores = cap_scores(torch.einsum("bthd,bshd->bhts", q, kh) * scaling, softcap)  # (B, H, T, S)
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
-    return torch.einsum("bhts,bshd->bthd", weights, vh)
-
-
-def teacher_mask(T: int, valid: torch.Tensor | None, sliding_window: int | None, device) -> torch.Tensor:
-    """Boolean [B|1, 1, T, T]: causal, inside the teacher's sliding window, and not padding.
-    Each query always sees itself so that padded rows stay finite."""
-    i = torch.arange(T, device=device)
-    lag = i[:, None] - i[None, :]
-    mask = lag >= 0
-    if sliding_window:
-        mask = mask & (lag < sliding_window)
-    mask = mask[None, None]
-    if valid is not None:
-        mask = mask & (valid[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device))
-    return mask
-
-
-def window_softmax(q, k_all, v_all, valid_all, window: int, scaling: float, softcap: float | None = None):
-    """Unnormalised softmax over a sliding window.
-
-    q [B,T,H,D]; k_all, v_all [B,w+T,Hk,D]; valid_all [B,w+T]. Query t sees k_all[t+1 : t+w+1]
-    (itself and the w−1 keys before it); scores are capped as the teacher caps them (``softcap``).
-    Returns num [B,T,H,D], den [B,T,H] and the shift m [B,T,H] = the largest visible score
-    (``NO_SCORE`` if none), with num/den = Σ e^{s−m}(v, 1).
-    """
-    B, T, H, D = q.shape
-    Hk = k_all.shape[2]
-    if T == 1:  # decoding: the one query sees all w keys; no block loop, no position mask
-        qg = q.float().reshape(B, Hk, H // Hk, D)  # (B, Hk, G, D)
-        kw, vw = k_all[:, 1:].float(), v_all[:, 1:].float()  # (B, w, Hk, D)
-        scores = cap_scores(torch.einsum("bigd,bsid->bigs", qg, kw) * scaling, softcap)  # (B, Hk, G, w)
-        scores = scores.masked_fill(~valid_all[:, None, None, 1:], float("-inf"))
-        m = scores.amax(dim=-1).clamp(min=NO_SCORE)  # (B, Hk, G)
-        e = torch.exp(scores - m[..., None])
-        num = torch.einsum("bigs,bsid->bigd", e, vw)  # (B, Hk, G, D)
-        return num.reshape(B, 1, H, D), e.sum(-1).reshape(B, 1, H), m.reshape(B, 1, H)
-    nums, dens, maxes = [], [], []
-    for a in range(0, T, QUERY_BLOCK):
-        b = min(T, a + QUERY_BLOCK)
-        qb = q[:, a:b].float().reshape(B, b - a, Hk, H // Hk, D)  # (B, n, Hk, G, D)
-        kb, vb = k_all[:, a + 1 : b + window].float(), v_all[:, a + 1 : b + window].float()  # (B, n+w-1, Hk, D)
-        scores = cap_scores(torch.einsum("btigd,bsid->bigts", qb, kb) * scaling, softcap)  # (B, Hk, G, n, n+w-1)
-        rel = torch.arange(kb.shape[1], device=q.device)[None, :] - torch.arange(b - a, device=q.device)[:, None]
-        visible = (rel >= 0) & (rel < window)  # (n, n+w-1)
-        visible = visible[None, None, None] & valid_all[:, None, None, None, a + 1 : b + window]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        m = scores.amax(dim=-1).clamp(min=NO_SCORE)  # (B, Hk, G, n)
-        e = torch.exp(scores - m[..., None])
-        nums.append(torch.einsum("bigts,bsid->btigd", e, vb).reshape(B, b - a, H, D))
-        dens.append(e.sum(-1).permute(0, 3, 1, 2).reshape(B, b - a, H))
-        maxes.append(m.permute(0, 3, 1, 2).reshape(B, b - a, H))
-    return torch.cat(nums, 1), torch.cat(dens, 1), torch.cat(maxes, 1)
-
-
 class LinearAttention(KeepFloat32):
     """Drop-in replacement for a decoder layer's ``self_attn`` (see the module docstring).
 
@@ -184,6 +114,7 @@ class LinearAttention(KeepFloat32):
         softcap: float | None = None,
         use_rope: bool = True,
         rope_key: str | None = None,
+        sparse_cache: int = 0,
     ):
         super().__init__()
         self.teacher_class = type(attn)  # to give the layer its softmax attention back (restore_softmax)
@@ -193,6 +124,7 @@ class LinearAttention(KeepFloat32):
         self.scaling = attn.scaling
         self.teacher_sliding_window = teacher_sliding_window
         self.window, self.eps, self.depth = window, eps, depth
+        self.sparse_cache = sparse_cache  # LoLA's M (distill.sparse_cache); 0 = off; set after training
         self.qk_norm, self.fused_qkv, self.softcap = qk_norm, fused_qkv, softcap
         self.use_rope, self.rope_key = use_rope, rope_key
         # Shared with the teacher: same Parameter objects, same state-dict names.
@@ -240,10 +172,12 @@ class LinearAttention(KeepFloat32):
     def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
         """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
         states = layer_cache.states if layer_cache is not None and layer_cache.states else [None] * self.depth
-        recent = None
+        recent = sparse = None
         if not self.window:
             o, state = self.rnn.scan(q, k, v, valid, states[0], recurrent)  # (B, T, H, D+1)
             y = o[..., :-1] / (o[..., -1:] + self.eps)
+        elif self.sparse_cache:
+            y, state, recent, sparse = sparse_hybrid(self, q, k, v, valid, layer_cache, states[0], recurrent)
         else:
             y, state, recent = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent)
         new_states = [state]
@@ -251,7 +185,7 @@ class LinearAttention(KeepFloat32):
             y, sub_state = sub(y, valid, sub_state, recurrent, self.eps)
             new_states.append(sub_state)
         if layer_cache is not None:
-            layer_cache.store(new_states, recent, q.shape[1])
+            layer_cache.store(new_states, recent, q.shape[1], sparse)
         return y
 
     def _evicted_scan(self, q, k_all, v_all, valid_all, state, recurrent):
@@ -300,11 +234,7 @@ class LinearAttention(KeepFloat32):
         valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
         o_lin, state = self._evicted_scan(q, k_all, v_all, valid_all, state, recurrent)
         num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling, self.softcap)
-        log_mix = self.log_mix.float()[None, None, :]  # (1, 1, H)
-        lin_num, lin_den = o_lin[..., :-1], o_lin[..., -1]  # (B, T, H, D), (B, T, H)
-        shift = torch.maximum(m, log_mix + torch.log(lin_den.clamp(min=1e-30)))  # (B, T, H)
-        exact, linear = torch.exp(m - shift), torch.exp(log_mix - shift)  # (B, T, H) each, ≤ 1 and ≤ 1/lin_den
-        y = (exact[..., None] * num + linear[..., None] * lin_num) / (exact * den + linear * lin_den + self.eps)[..., None]
+        y = mix_exact_linear(num, den, m, o_lin[..., :-1], o_lin[..., -1], self.log_mix, self.eps)
         return y, state, (k_all[:, -w:], v_all[:, -w:], valid_all[:, -w:])
 
     def forward(

@@ -63,7 +63,7 @@ def long_student(fmap, depth, window):
 
 
 def test_long_grid_is_long_enough():
-    from distill.layer import QUERY_BLOCK
+    from distill.softmax import QUERY_BLOCK
 
     assert LONG_T > QUERY_BLOCK and LONG_T > 64
 

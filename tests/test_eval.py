@@ -57,8 +57,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_student(seed: int = 0):
-    return convert_model(tiny_llama(seed), ConvertConfig(feature_map="elu", depth=1, window=0)).eval()
+def tiny_student(seed: int = 0, window: int = 0):
+    return convert_model(tiny_llama(seed), ConvertConfig(feature_map="elu", depth=1, window=window)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -382,3 +382,20 @@ def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DistillError, match="not a readable distill eval report"):
         runner.run({"student": "student"}, "tiny_mc,tiny_ppl", reuse=[tmp_path / "bad.json"], **common)
+
+
+def test_sparse_cache_applies_to_the_student(task_dir):
+    """--sparse-cache M switches the loaded student's cache; M ≥ the context makes it the teacher."""
+    loaded = []
+
+    def loader(spec, dtype=None):
+        model = tiny_llama() if spec == "teacher" else tiny_student(window=2)
+        loaded.append(model)
+        return model, tiny_tokenizer()
+
+    report = runner.run({"student": "student", "teacher": "teacher"}, "tiny_ppl", include_path=str(task_dir),
+                        max_length=64, sparse_cache=64, loader=loader)
+    assert report["settings"]["sparse_cache"] == 64
+    assert loaded[1].distill_config.sparse_cache == 64
+    row = next(r for r in report["rows"] if r["metric"] == "word_perplexity")
+    assert row["student"] == pytest.approx(row["teacher"], rel=1e-4)

@@ -39,6 +39,8 @@ def test_stages_import_no_other_stage(stage):
         ("distill/feature_maps", ("distill.layer", "distill.rnn", "distill.convert", "distill.pipeline", "distill.eval")),
         ("distill/layer.py", ("distill.convert", "distill.pipeline", "distill.eval", "distill.cli")),
         ("distill/rnn.py", ("distill.layer", "distill.convert", "distill.pipeline", "distill.eval")),
+        ("distill/softmax.py", ("distill.layer", "distill.rnn", "distill.convert", "distill.pipeline", "distill.eval")),
+        ("distill/sparse_cache.py", ("distill.layer", "distill.convert", "distill.pipeline", "distill.eval", "distill.cli")),
     ],
 )
 def test_dependencies_run_one_way(folder, forbidden):

@@ -93,6 +93,20 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+def test_sparse_cache_is_switched_on_after_training(assets, reference, tmp_path):
+    """Training-free: the same weights as without it; the saved model and its reported perplexity
+    use it."""
+    ref_out, ref_report = reference
+    out = tmp_path / "sparse"
+    report = run_convert(assets["model"], out, _cfg(assets, "model.sparse_cache=3"))
+    _same_model(out, ref_out)
+    model = load_converted(out)
+    assert model.distill_config.sparse_cache == 3
+    heldout = load_file(str(out / "state" / "data.safetensors"))["heldout"]
+    assert perplexity(model, heldout, "parallel", 2) == pytest.approx(report["student_ppl"], rel=1e-4)
+    assert report["student_ppl"] != pytest.approx(ref_report["student_ppl"], rel=1e-4)
+
+
 def test_resume_after_interrupts_equals_uninterrupted(assets, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = _cfg(assets)

@@ -48,6 +48,9 @@ class EvalCommand(Command):
         parser.add_argument("--dtype", default="float32", choices=DTYPES,
                             help="weights dtype of both models (default float32; bfloat16 is 2-3x faster on "
                                  "CPUs with AVX512-BF16 and moved the demo's perplexities by < 0.1%%)")
+        parser.add_argument("--sparse-cache", type=int, metavar="M",
+                            help="give the student a sparse global cache of M keys per kv head (LoLA; "
+                                 "training-free; hybrids of the linear recurrence), whatever it was saved with")
         parser.add_argument("--reuse", nargs="+", default=[], metavar="REPORT.json",
                             help="earlier distill eval reports: a model already scored there on these tasks (or, across "
                                  "several reports, on parts of them) with the same settings is not evaluated again")
@@ -108,6 +111,7 @@ class EvalCommand(Command):
                 dtype=args.dtype,
                 reuse=args.reuse,
                 long_context=long_context,
+                sparse_cache=args.sparse_cache,
             )
         if report is None:  # a torchrun rank other than 0
             return 0

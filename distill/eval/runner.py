@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..convert import set_sparse_cache
 from ..distributed import is_rank_zero
 from ..errors import DistillError
 from ..files import atomic_write_text
@@ -232,7 +233,7 @@ def _top_name(obj) -> str:
 def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, limit: int | None = None,
         batch_size: int = 8, max_length: int | None = None, dtype: str = "float32",
         reuse: list[str | Path] | None = None, loader: Callable | None = None,
-        long_context: LongContextOptions | None = None) -> dict[str, Any] | None:
+        long_context: LongContextOptions | None = None, sparse_cache: int | None = None) -> dict[str, Any] | None:
     """Evaluate ``models`` (role -> spec; roles ``student`` and optionally ``teacher``) on ``tasks``,
     both with weights in ``dtype`` (under torchrun: data parallel; None on ranks other than 0). A model already scored in one of the ``reuse`` reports (same
     model, tasks, limit, dtype and max_length) is taken from there instead of evaluated again: a
@@ -243,7 +244,8 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     ``(model, tokenizer)``, default :func:`distill.models.load_model`) and freed after their run.
 
     ``long_context`` sets the ``long`` suite's tasks. Passkey prompts are built once, with the
-    student's tokenizer, and both models are asked the same ones.
+    student's tokenizer, and both models are asked the same ones. ``sparse_cache`` (not None)
+    switches the student's sparse global cache to that many keys per kv head.
     """
     if loader is None:
         from ..models import load_model as loader
@@ -277,6 +279,8 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         start = time.perf_counter()
         model, tokenizer = loader(models[role], getattr(torch, dtype))  # loaded in dtype: no float32 copy first
         model = model.to(getattr(torch, dtype))  # a no-op unless the loader kept another dtype
+        if role == "student" and sparse_cache is not None:
+            set_sparse_cache(model, sparse_cache)
         lengths[role] = max_length_for(model, max_length)
         objects = objects or load_tasks(plan, manager)  # fresh Task objects for each model
         log.info("evaluating %s %s on %s (max_length %d)", role, models[role], ", ".join(names), lengths[role])
@@ -295,7 +299,7 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
         "models": {role: models.get(role) for role in ("student", "teacher")},
         "reused": {role: prior["from"] for role, prior in reused.items()},
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "max_length": lengths,
-                     "bootstrap_iters": BOOTSTRAP_ITERS, "long_context": long_settings},
+                     "bootstrap_iters": BOOTSTRAP_ITERS, "long_context": long_settings, "sparse_cache": sparse_cache},
         "wall_time_s": wall,
         "chance": chance,
         "rows": [r.to_dict() for r in rows],

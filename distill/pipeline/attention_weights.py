@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layer import NO_SCORE, LinearAttention, cap_scores
+from ..layer import LinearAttention
+from ..softmax import NO_SCORE, cap_scores
 
 
 def query_index(T: int, n: int, start: int = 0, device=None) -> torch.Tensor:

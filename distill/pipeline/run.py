@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import distill_kernels as ops
 
-from ..convert import check_convertible, convert_model
+from ..convert import check_convertible, convert_model, set_sparse_cache
 from ..errors import DistillError, RunFailed
 from ..files import atomic_write_text, disk_full_is_user_error, sha256
 from ..models import load_model
@@ -209,6 +209,7 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
 
     data = _stage_data(cfg, model, tokenizer, store, timer, comm)  # data=self samples from the teacher: before the swap
     convert_model(model, cfg.model)
+    set_sparse_cache(model, 0)  # training-free: the stages train the plain hybrid; switched on before the student's eval
     prepare_new_parameters(model)
 
     batch = cfg.batch_size_eval
@@ -245,6 +246,8 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
         timer.add("finetune", finetuned.seconds)
         last_stage = "finetune"
 
+    if cfg.model.sparse_cache:
+        set_sparse_cache(model, cfg.model.sparse_cache)
     student = _stage_value(
         "student_eval", store, timer, lambda: {"ppl": perplexity(model, data.heldout, "parallel", batch, progress, "student ppl", comm)}
     )

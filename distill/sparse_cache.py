@@ -1,0 +1,175 @@
+"""A constant-size sparse global cache for a hybrid layer (LoLA, McDermott et al., 2025).
+
+With ``sparse_cache: M`` (window w > 0, the ``linear`` recurrence, no decay), each kv head keeps
+up to M keys that have left the softmax window exact: the ones that the linear state recalls worst.
+Every other old key is in the linear part. Per kv head, with φ the key feature map:
+
+    score_s = ‖v_s − Σ_{j<s} φ(k_j)·φ(k_s) v_j / (Σ_{j<s} φ(k_j)·φ(k_s) + ε)‖²
+
+is how badly the state of all keys before s recalls v_s, computed once, when s arrives (−∞ on
+padding). Key s is exact for query t ≥ s when t − s < w, or when s is among the M best keys of
+those that have left the window ({j ≤ t − w}, ordered by score, then by position). A key that
+drops out of that top M never comes back (the set only grows), so it enters the linear state once,
+at f(s) = w + max(s, p_M(s)), where p_M(s) is the position of the M-th key that beats s. Query t:
+
+    E_t = {s ≤ t : f(s) > t}    (the window and the sparse cache; at most w + M keys)
+    y_t = (Σ_{s∈E_t} e^{σ_ts − m_t}(v_s, 1) + e^{log g_h − m_t} Σ_{s≤t, s∉E_t} φ(q_t)·φ(k_s)(v_s, 1))_v
+          / (the same, ones column)
+
+with σ_ts the teacher's (capped) scaled score and the shift m_t as in the plain hybrid. With M = 0
+this is the plain hybrid (f(s) = s + w); with M ≥ the sequence length every key is exact and the
+layer is the teacher's softmax attention. The linear part is read as φ(q_t)ᵀS_t − Σ_{s∈E_t}
+φ(q_t)·φ(k_s)(v_s, 1), where S_t sums every key up to t: that is the state the cache keeps, with the
+sparse keys, the window and their scores. Training never runs this path (the cache is training-free,
+as in LoLA); it is switched on for evaluation, saving and generation.
+"""
+from __future__ import annotations
+
+import torch
+
+import distill_kernels as ops
+
+from .softmax import NO_SCORE, QUERY_BLOCK, cap_scores, mix_exact_linear
+
+FAR = 2**40  # "never": the eviction time of a key that fewer than M keys beat
+
+
+def recall_scores(fm, k, v1, state, recurrent: bool, eps: float) -> torch.Tensor:
+    """How badly the state of all earlier keys recalls each value: k [B,T,Hk,D], v1 [B,T,Hk,D+1]
+    (values and a ones column, zero on padding), state [B,Hk,F,D+1] or None (keys before these)
+    -> score [B,T,Hk] fp32. Key s reads the state of keys < s (an exclusive scan: the keys are
+    shifted by one step, so s never reads itself)."""
+    phi = fm.phi_k(k)  # (B, T, Hk, F)
+    shifted_phi = torch.cat([torch.zeros_like(phi[:, :1]), phi[:, :-1]], 1)
+    shifted_v1 = torch.cat([torch.zeros_like(v1[:, :1]), v1[:, :-1]], 1)
+    op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
+    read, _ = op(phi, shifted_phi, shifted_v1, initial_state=state)  # (B, T, Hk, D+1)
+    recalled = read[..., :-1] / (read[..., -1:] + eps)
+    return (v1[..., :-1] - recalled).pow(2).sum(-1)
+
+
+def eviction_times(score: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, window: int, keep: int) -> torch.Tensor:
+    """f(s) = w + max(s, p_M(s)) (module docstring): score/valid [B,L,Hk], pos [L] ascending ->
+    f [B,L,Hk] int64. j beats s when valid_j and (score_j, pos_j) > (score_s, pos_s)."""
+    B, L, Hk = score.shape
+    sc, ok = score.permute(0, 2, 1), valid.permute(0, 2, 1)  # (B, Hk, L)
+    step = max(1, min(QUERY_BLOCK, 2**24 // max(1, B * Hk * L)))
+    times = []
+    for a in range(0, L, step):
+        s, ps = sc[..., a : a + step, None], pos[a : a + step, None]  # (B, Hk, n, 1), (n, 1)
+        beats = (sc[..., None, :] > s) | ((sc[..., None, :] == s) & (pos[None, :] > ps))  # (B, Hk, n, L)
+        count = (beats & ok[..., None, :]).cumsum(-1, dtype=torch.int32)
+        reached = count >= keep
+        p = torch.where(reached.any(-1), pos[reached.int().argmax(-1)], FAR)  # (B, Hk, n)
+        times.append(window + torch.maximum(ps[:, 0], p))
+    return torch.cat(times, -1).permute(0, 2, 1)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B,L,Hk,...], idx [B,K,Hk] -> x at those rows [B,K,Hk,...]."""
+    idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 3))).expand(*idx.shape, *x.shape[3:])
+    return torch.gather(x, 1, idx)
+
+
+def _first(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [B,n,Hk] of the rows of mask [B,L,Hk] that are True, in order, then False ones."""
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+
+
+def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
+    """For each query t (local position 0..T−1) the exact part over E_t and what E_t adds to the
+    plain linear readout: -> num [B,T,H,D], den [B,T,H], m [B,T,H], ov_num [B,T,H,D], ov_den [B,T,H]."""
+    B, T, H, D = q.shape
+    L, Hk = kP.shape[1], kP.shape[2]
+    G = H // Hk
+    parts = []
+    for a in range(0, T, QUERY_BLOCK):
+        b = min(T, a + QUERY_BLOCK)
+        n = b - a
+        cand = okP & (posP[None, :, None] <= b - 1) & (f > a)  # (B, L, Hk): exact for some query here
+        K = min(L, layer.sparse_cache + layer.window + n)  # no query block sees more keys than this
+        if K == L:  # decoding, short inputs: every key is a candidate, nothing to select
+            k_u, v_u, phi_u = kP.float(), vP.float(), phi_kP.float()
+            pos_u, f_u, ok_u = posP[None, :, None].expand_as(f), f, cand
+        else:
+            idx = _first(cand, K)  # (B, K, Hk)
+            k_u, v_u, phi_u = _gather(kP, idx).float(), _gather(vP, idx).float(), _gather(phi_kP, idx).float()
+            pos_u, f_u, ok_u = posP[idx], torch.gather(f, 1, idx), torch.gather(cand, 1, idx)  # (B, K, Hk) each
+        t = torch.arange(a, b, device=q.device)[:, None]  # (n, 1)
+        mask = ok_u.permute(0, 2, 1)[:, :, None, :] & (pos_u.permute(0, 2, 1)[:, :, None, :] <= t) & (f_u.permute(0, 2, 1)[:, :, None, :] > t)
+        mask = mask[:, :, None]  # (B, Hk, 1, n, K)
+        qb = q[:, a:b].float().reshape(B, n, Hk, G, D)
+        scores = cap_scores(torch.einsum("btigd,bsid->bigts", qb, k_u) * layer.scaling, layer.softcap)  # (B, Hk, G, n, K)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        m = scores.amax(-1).clamp(min=NO_SCORE)  # (B, Hk, G, n)
+        e = torch.exp(scores - m[..., None])
+        kern = torch.einsum("btigf,bsif->bigts", phi_q[:, a:b].float().reshape(B, n, Hk, G, -1), phi_u) * mask
+        to_bthd = lambda x: x.reshape(B, n, H, D)  # noqa: E731
+        to_bth = lambda x: x.permute(0, 3, 1, 2).reshape(B, n, H)  # noqa: E731
+        parts.append(
+            (
+                to_bthd(torch.einsum("bigts,bsid->btigd", e, v_u)),
+                to_bth(e.sum(-1)),
+                to_bth(m),
+                to_bthd(torch.einsum("bigts,bsid->btigd", kern, v_u)),
+                to_bth(kern.sum(-1)),
+            )
+        )
+    return [torch.cat(p, 1) for p in zip(*parts)]
+
+
+def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
+    """The hybrid with a sparse global cache (module docstring). q [B,T,H,D], k/v [B,T,Hk,D],
+    valid [B,T] or None; ``layer_cache`` holds (after an earlier call) the sparse keys and the window
+    (``sparse``, ``recent``), ``state`` the sum of every key so far [B,Hk,F,D+1].
+    -> y [B,T,H,D] fp32, state, recent (k, v [B,w,Hk,D], valid [B,w], score [B,w,Hk]),
+    sparse (k, v [B,M,Hk,D], score, valid [B,M,Hk])."""
+    B, T, H, D = q.shape
+    Hk, w, M = layer.num_kv_heads, layer.window, layer.sparse_cache
+    fm = layer.rnn.feature_map
+    dev = q.device
+    cur = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+    if layer_cache is not None and layer_cache.sparse is not None:
+        sk, sv, s_score, s_ok = layer_cache.sparse
+        rk, rv, r_valid, r_score = layer_cache.recent
+    else:
+        sk, sv = k.new_zeros(B, M, Hk, D), v.new_zeros(B, M, Hk, D)
+        s_score, s_ok = q.new_full((B, M, Hk), float("-inf"), dtype=torch.float32), torch.zeros(B, M, Hk, dtype=torch.bool, device=dev)
+        rk, rv = k.new_zeros(B, w, Hk, D), v.new_zeros(B, w, Hk, D)
+        r_valid = torch.zeros(B, w, dtype=torch.bool, device=dev)
+        r_score = q.new_full((B, w, Hk), float("-inf"), dtype=torch.float32)
+    v1 = torch.cat([v.float(), v.new_ones(B, T, Hk, 1, dtype=torch.float32)], -1) * cur[:, :, None, None]  # (B, T, Hk, D+1)
+    score = recall_scores(fm, k, v1, state, recurrent, layer.eps).masked_fill(~cur[:, :, None], float("-inf"))
+    o_all, state = layer.rnn.scan(q, k, v, valid, state, recurrent)  # (B, T, H, D+1): every key up to t
+    phi_q = fm.phi_q(q)
+    if T == 1:  # decoding: the key leaving the window joins the cache, which drops its worst
+        cand = (torch.cat([sk, rk[:, :1]], 1), torch.cat([sv, rv[:, :1]], 1), torch.cat([s_score, r_score[:, :1]], 1))
+        cand_ok = torch.cat([s_ok, r_valid[:, :1, None].expand(B, 1, Hk)], 1)  # (B, M+1, Hk)
+        drop = cand[2].argmin(1)  # (B, Hk): −inf (an empty slot) first, then the lowest score, then the oldest
+        before = torch.arange(M, device=dev)[None, :, None] < drop[:, None, :]  # (B, M, Hk): slots before the dropped one
+        sparse = tuple(
+            torch.where(before.reshape(*before.shape, *([1] * (x.dim() - 3))), x[:, :M], x[:, 1:]) for x in (*cand, cand_ok)
+        )  # the dropped slot is closed up, so the slots stay in position order
+        kE, vE = torch.cat([sparse[0], rk[:, 1:], k], 1), torch.cat([sparse[1], rv[:, 1:], v], 1)  # (B, M+w, Hk, D)
+        okE = torch.cat([sparse[3], r_valid[:, 1:, None].expand(B, w - 1, Hk), cur[..., None].expand(B, 1, Hk)], 1)
+        posE = torch.arange(1 - M - w, 1, device=dev)
+        fE = torch.full(okE.shape, FAR, dtype=torch.long, device=dev)  # all exact for this query
+        parts = _exact_and_overlap(layer, q, phi_q, kE, vE, fm.phi_k(kE), posE, fE, okE)
+        recent = (kE[:, -w:], vE[:, -w:], torch.cat([r_valid[:, 1:], cur], 1), torch.cat([r_score[:, 1:], score], 1))
+    else:
+        # All keys that may still be exact, in position order: sparse (positions < −w), window, new.
+        kP, vP = torch.cat([sk, rk, k], 1), torch.cat([sv, rv, v], 1)  # (B, L, Hk, D)
+        okP = torch.cat([s_ok, r_valid[..., None].expand(B, w, Hk), cur[..., None].expand(B, T, Hk)], 1)  # (B, L, Hk)
+        scoreP = torch.cat([s_score, r_score, score], 1)
+        posP = torch.arange(-M - w, T, device=dev)  # (L,)
+        f = eviction_times(scoreP, posP, okP, w, M)  # (B, L, Hk)
+        parts = _exact_and_overlap(layer, q, phi_q, kP, vP, fm.phi_k(kP), posP, f, okP)
+        kept = okP & (posP[None, :, None] <= T - 1 - w) & (f > T - 1)  # (B, L, Hk): at most M per row and head
+        idx = _first(kept, M)
+        kept_g = torch.gather(kept, 1, idx)
+        sparse = (_gather(kP, idx), _gather(vP, idx), torch.gather(scoreP, 1, idx).masked_fill(~kept_g, float("-inf")), kept_g)
+        recent = (kP[:, -w:], vP[:, -w:], torch.cat([r_valid, cur], 1)[:, -w:], scoreP[:, -w:])
+    num, den, m, ov_num, ov_den = parts
+    lin_num, lin_den = o_all[..., :-1] - ov_num, (o_all[..., -1] - ov_den).clamp(min=0)
+    y = mix_exact_linear(num, den, m, lin_num, lin_den, layer.log_mix, layer.eps)
+    return y, state, recent, sparse
