@@ -384,7 +384,7 @@ def test_reuse_takes_scored_models_from_earlier_reports(task_dir, tmp_path):
         runner.run({"student": "student"}, "tiny_mc,tiny_ppl", reuse=[tmp_path / "bad.json"], **common)
 
 
-def test_sparse_cache_applies_to_the_student(task_dir):
+def test_sparse_cache_applies_to_the_student(task_dir, tmp_path):
     """--sparse-cache M switches the loaded student's cache; M ≥ the context makes it the teacher."""
     loaded = []
 
@@ -399,3 +399,11 @@ def test_sparse_cache_applies_to_the_student(task_dir):
     assert loaded[1].distill_config.sparse_cache == 64
     row = next(r for r in report["rows"] if r["metric"] == "word_perplexity")
     assert row["student"] == pytest.approx(row["teacher"], rel=1e-4)
+    # The same folder without the cache is another model: --reuse takes only the teacher.
+    path = tmp_path / "with_cache.json"
+    runner.write_report(report, path)
+    again = runner.run({"student": "student", "teacher": "teacher"}, "tiny_ppl", include_path=str(task_dir),
+                       max_length=64, loader=loader, reuse=[path])
+    assert set(again["reused"]) == {"teacher"}
+    plain = next(r for r in again["rows"] if r["metric"] == "word_perplexity")
+    assert plain["student"] != pytest.approx(row["student"], rel=1e-4)

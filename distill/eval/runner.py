@@ -269,7 +269,8 @@ def run(models: dict[str, str], tasks: str, *, include_path: str | None = None, 
     results: dict[str, dict[str, Any]] = {}
     wall: dict[str, float] = {}
     lengths: dict[str, int] = {}
-    reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length, long_settings=long_settings)
+    reused = _reuse(reuse or [], models, names, limit=limit, dtype=dtype, max_length=max_length, long_settings=long_settings,
+                    sparse_cache=sparse_cache)
     for role, prior in reused.items():
         log.info("%s %s: results reused from %s", role, models[role], ", ".join(prior["from"]))
         results[role], wall[role], lengths[role] = prior["results"], prior["wall"], prior["max_length"]
@@ -319,7 +320,7 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[str], *, limit, dtype,
-           max_length, long_settings: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+           max_length, long_settings: dict[str, Any] | None = None, sparse_cache: int | None = None) -> dict[str, dict[str, Any]]:
     """role -> {"results", "wall", "max_length", "from"} for each model that earlier reports scored
     on all of ``names`` with the same settings; one report may cover some of the tasks and another
     the rest (the model's wall time is then their sum). Every report must match one of the models."""
@@ -335,6 +336,8 @@ def _reuse(paths: list[str | Path], models: dict[str, str | None], names: list[s
             for prior_role, prior_spec in prior_models.items():
                 if spec is None or prior_spec is None or not _same_model(spec, prior_spec):
                     continue
+                if (sparse_cache if role == "student" else None) != (settings.get("sparse_cache") if prior_role == "student" else None):
+                    continue  # the same folder with another sparse cache is another model
                 long_tasks = set(prior["tasks"]) & set(long_report.TASKS)
                 same = (set(prior["tasks"]) <= set(names) and settings["limit"] == limit
                         and settings.get("dtype", "float32") == dtype
