@@ -246,6 +246,21 @@ def memory(ctx: Context) -> Result:
     )
 
 
+def _speed_row(s, quick: bool, label: str) -> dict:
+    """Cached generate must equal uncached (correctness first); then the decode step at position
+    8192, the prefill of 2048 tokens (512 if ``quick``) and the state, for a student ``s``."""
+    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
+    if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):
+        raise AssertionError(f"{label}: cached generate differs from uncached")
+    n = 512 if quick else 2048
+    x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
+    cache = _student_cache(s, 8192)
+    step_ms = _decode_latency(s, cache, 8192, 6 if quick else 12) * 1e3
+    with torch.no_grad():
+        prefill_s = median_time(lambda: s(x, use_cache=True, logits_to_keep=1), repeats=3)
+    return {"decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20}
+
+
 @case("recurrences")
 def recurrences(ctx: Context) -> Result:
     """Decode step and prefill of the demo student's architecture under every registered
@@ -253,20 +268,11 @@ def recurrences(ctx: Context) -> Result:
     from distill.recurrence import RECURRENCES
 
     t = teacher(ctx)
-    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
-    n = 512 if ctx.quick else 2048
-    x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
     rows = []
     for name in sorted(RECURRENCES, key=lambda r: (r != "linear", r)):
         s = convert_model(copy.deepcopy(t), ConvertConfig(feature_map="hedgehog", window=64, recurrence=name)).eval()
-        if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):  # correctness first
-            raise AssertionError(f"{name}: cached generate differs from uncached")
-        cache = _student_cache(s, 8192)
-        step_ms = _decode_latency(s, cache, 8192, 6 if ctx.quick else 12) * 1e3
-        with torch.no_grad():
-            prefill_s = median_time(lambda model=s: model(x, use_cache=True, logits_to_keep=1), repeats=3)
-        rows.append({"recurrence": name, "decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20})
-        del s, cache
+        rows.append({"recurrence": name, **_speed_row(s, ctx.quick, name)})
+        del s
     base = rows[0]
     for r in rows:
         r["decode/linear"] = r["decode_ms_per_token"] / base["decode_ms_per_token"]
@@ -275,7 +281,7 @@ def recurrences(ctx: Context) -> Result:
         rows,
         notes=[
             "Demo model, hedgehog + 64-token window, untrained gates (speed does not depend on the weights).",
-            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {n} "
+            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {512 if ctx.quick else 2048} "
             f"tokens; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
         ],
     )
@@ -287,22 +293,11 @@ def sparse_cache(ctx: Context) -> Result:
     of M keys per kv head (LoLA), side by side in one process, as ratios to M = 0."""
     from distill.convert import set_sparse_cache
 
-    t = teacher(ctx)
-    ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
-    n = 512 if ctx.quick else 2048
-    x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
-    s = convert_model(copy.deepcopy(t), DEMO_STUDENT).eval()
+    s = convert_model(copy.deepcopy(teacher(ctx)), DEMO_STUDENT).eval()
     rows = []
     for keys in (0, 64, 256, 512):
         set_sparse_cache(s, keys)
-        if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):  # correctness first
-            raise AssertionError(f"sparse_cache={keys}: cached generate differs from uncached")
-        cache = _student_cache(s, 8192)
-        step_ms = _decode_latency(s, cache, 8192, 6 if ctx.quick else 12) * 1e3
-        with torch.no_grad():
-            prefill_s = median_time(lambda model=s: model(x, use_cache=True, logits_to_keep=1), repeats=3)
-        rows.append({"sparse_cache": keys, "decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20})
-        del cache
+        rows.append({"sparse_cache": keys, **_speed_row(s, ctx.quick, f"sparse_cache={keys}")})
     for r in rows:
         r["decode/plain"] = r["decode_ms_per_token"] / rows[0]["decode_ms_per_token"]
         r["prefill_time/plain"] = rows[0]["prefill_tok_per_s"] / r["prefill_tok_per_s"]
@@ -310,7 +305,7 @@ def sparse_cache(ctx: Context) -> Result:
         rows,
         notes=[
             "Demo model, hedgehog + 64-token window; M keys per kv head kept exact (0 = the plain hybrid).",
-            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {n} "
+            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {512 if ctx.quick else 2048} "
             f"tokens; torch threads {torch.get_num_threads()}. State: recurrent state, window and sparse cache.",
         ],
     )

@@ -118,6 +118,18 @@ def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
     return [torch.cat(p, 1) for p in zip(*parts)]
 
 
+def _empty_slots(k, v, n: int):
+    """n empty sparse-cache slots per kv head for k/v [B,T,Hk,D]: keys, values [B,n,Hk,D], scores
+    (−inf) and valid flags (False) [B,n,Hk]."""
+    B, _, Hk, D = k.shape
+    return (
+        k.new_zeros(B, n, Hk, D),
+        v.new_zeros(B, n, Hk, D),
+        torch.full((B, n, Hk), float("-inf"), device=k.device),
+        torch.zeros(B, n, Hk, dtype=torch.bool, device=k.device),
+    )
+
+
 def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
     """The hybrid with a sparse global cache (module docstring). q [B,T,H,D], k/v [B,T,Hk,D],
     valid [B,T] or None; ``layer_cache`` holds (after an earlier call) the sparse keys and the window
@@ -132,9 +144,8 @@ def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
     if layer_cache is not None and layer_cache.sparse is not None:
         sk, sv, s_score, s_ok = layer_cache.sparse
         rk, rv, r_valid, r_score = layer_cache.recent
-    else:
-        sk, sv = k.new_zeros(B, M, Hk, D), v.new_zeros(B, M, Hk, D)
-        s_score, s_ok = q.new_full((B, M, Hk), float("-inf"), dtype=torch.float32), torch.zeros(B, M, Hk, dtype=torch.bool, device=dev)
+    else:  # a fresh input: a prompt needs no empty sparse slots in front, a single token needs M
+        sk, sv, s_score, s_ok = _empty_slots(k, v, M if T == 1 else 0)
         rk, rv = k.new_zeros(B, w, Hk, D), v.new_zeros(B, w, Hk, D)
         r_valid = torch.zeros(B, w, dtype=torch.bool, device=dev)
         r_score = q.new_full((B, w, Hk), float("-inf"), dtype=torch.float32)
@@ -161,13 +172,14 @@ def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
         kP, vP = torch.cat([sk, rk, k], 1), torch.cat([sv, rv, v], 1)  # (B, L, Hk, D)
         okP = torch.cat([s_ok, r_valid[..., None].expand(B, w, Hk), cur[..., None].expand(B, T, Hk)], 1)  # (B, L, Hk)
         scoreP = torch.cat([s_score, r_score, score], 1)
-        posP = torch.arange(-M - w, T, device=dev)  # (L,)
+        posP = torch.arange(-sk.shape[1] - w, T, device=dev)  # (L,)
         f = eviction_times(scoreP, posP, okP, w, M)  # (B, L, Hk)
         parts = _exact_and_overlap(layer, q, phi_q, kP, vP, fm.phi_k(kP), posP, f, okP)
         kept = okP & (posP[None, :, None] <= T - 1 - w) & (f > T - 1)  # (B, L, Hk): at most M per row and head
-        idx = _first(kept, M)
+        idx = _first(kept, min(M, kept.shape[1]))
         kept_g = torch.gather(kept, 1, idx)
         sparse = (_gather(kP, idx), _gather(vP, idx), torch.gather(scoreP, 1, idx).masked_fill(~kept_g, float("-inf")), kept_g)
+        sparse = tuple(torch.cat(pair, 1) for pair in zip(sparse, _empty_slots(k, v, M - idx.shape[1])))  # M slots
         recent = (kP[:, -w:], vP[:, -w:], torch.cat([r_valid, cur], 1)[:, -w:], scoreP[:, -w:])
     num, den, m, ov_num, ov_den = parts
     lin_num, lin_den = o_all[..., :-1] - ov_num, (o_all[..., -1] - ov_den).clamp(min=0)

@@ -131,14 +131,15 @@ def long_tokens():
     return torch.randint(3, VOCAB, (2, LONG), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_decode_and_chunked_prefill_equal_one_pass(depth, long_tokens):
-    model = student(depth=depth)
+@pytest.mark.parametrize("depth,keys,first", [(1, 4, 37), (2, 4, 37), (1, 30, 10)])  # a first chunk shorter than the cache
+def test_decode_and_chunked_prefill_equal_one_pass(depth, keys, first, long_tokens):
+    model = student(depth=depth, keys=keys)
     with torch.no_grad():
         full = model(long_tokens, use_cache=False).logits
         stepwise = stepwise_logits(model, long_tokens)
         cache = model.new_cache()
-        chunks = [model(long_tokens[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 37), (37, 38), (38, LONG))]
+        pieces = ((0, first), (first, first + 1), (first + 1, LONG))
+        chunks = [model(long_tokens[:, a:b], cache=cache, use_cache=True).logits for a, b in pieces]
     torch.testing.assert_close(stepwise, full, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-4, rtol=0)
 
