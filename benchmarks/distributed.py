@@ -42,6 +42,7 @@ def _convert(ranks: int, out: Path, overrides: list[str]) -> float:
 @case("distributed")
 def distributed(ctx: Context) -> Result:
     steps = ["transfer.steps=20"] if ctx.quick else []
+    steps.append("transfer.batch_size=2")  # a global batch that two ranks can split (the demo's is 1 x 2048)
     rows, notes, split = [], [], {}
     for variant, overrides in VARIANTS.items():
         reports = {}
