@@ -131,9 +131,13 @@ def long_tokens():
     return torch.randint(3, VOCAB, (2, LONG), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("depth,keys,first", [(1, 4, 37), (2, 4, 37), (1, 30, 10)])  # a first chunk shorter than the cache
-def test_decode_and_chunked_prefill_equal_one_pass(depth, keys, first, long_tokens):
-    model = student(depth=depth, keys=keys)
+@pytest.mark.parametrize(
+    "fmap,depth,keys,first",
+    [("hedgehog", 1, 4, 37), ("hedgehog", 2, 4, 37), ("hedgehog", 1, 30, 10), ("taylor", 1, 4, 37)],  # 10: shorter than the cache
+)
+def test_decode_and_chunked_prefill_equal_one_pass(fmap, depth, keys, first, long_tokens):
+    """taylor: the carried state has the polynomial scan's layout, read back with φ_k."""
+    model = student(depth=depth, keys=keys, fmap=fmap)
     with torch.no_grad():
         full = model(long_tokens, use_cache=False).logits
         stepwise = stepwise_logits(model, long_tokens)
