@@ -87,7 +87,7 @@ def check_recurrence(name: str, kwargs: dict[str, Any]) -> type[Recurrence]:
     return cls
 
 
-def _values_with_ones(v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def values_with_ones(v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """v [B,T,Hk,D] -> [v, 1] [B,T,Hk,D+1] fp32, zero on padding (which then adds nothing)."""
     v1 = torch.cat([v.float(), v.new_ones(*v.shape[:-1], 1, dtype=torch.float32)], dim=-1)
     return v1 if valid is None else v1 * valid[:, :, None, None]
@@ -117,7 +117,7 @@ class LinearRecurrence(Recurrence):
     """``S_t = γ S_{t−1} + φ(k_t) v_tᵀ``, normalised (see the module docstring)."""
 
     def scan(self, fm, q, k, v, valid, log_decay, state, recurrent):
-        return fm.scan(q, k, _values_with_ones(v, valid), log_decay=log_decay, initial_state=state, recurrent=recurrent)
+        return fm.scan(q, k, values_with_ones(v, valid), log_decay=log_decay, initial_state=state, recurrent=recurrent)
 
 
 @register_recurrence("gla")
@@ -151,7 +151,7 @@ class GatedLinearRecurrence(Recurrence):
     def scan(self, fm, q, k, v, valid, log_decay, state, recurrent):
         op = ops.recurrent_gla if recurrent else ops.chunk_gla
         pq, pk = fm.phi_q(q).float(), fm.phi_k(k).float()  # (B,T,H,F), (B,T,Hk,F)
-        return op(pq, pk, _values_with_ones(v, valid), self.log_alpha(k, v, valid, log_decay), initial_state=state)
+        return op(pq, pk, values_with_ones(v, valid), self.log_alpha(k, v, valid, log_decay), initial_state=state)
 
     @torch.no_grad()
     def constrain_(self) -> None:

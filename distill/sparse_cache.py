@@ -29,6 +29,7 @@ import torch
 
 import distill_kernels as ops
 
+from .recurrence import values_with_ones
 from .softmax import NO_SCORE, QUERY_BLOCK, cap_scores, mix_exact_linear
 
 FAR = 2**40  # "never": the eviction time of a key that fewer than M keys beat
@@ -149,7 +150,7 @@ def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
         rk, rv = k.new_zeros(B, w, Hk, D), v.new_zeros(B, w, Hk, D)
         r_valid = torch.zeros(B, w, dtype=torch.bool, device=dev)
         r_score = q.new_full((B, w, Hk), float("-inf"), dtype=torch.float32)
-    v1 = torch.cat([v.float(), v.new_ones(B, T, Hk, 1, dtype=torch.float32)], -1) * cur[:, :, None, None]  # (B, T, Hk, D+1)
+    v1 = values_with_ones(v, valid)  # (B, T, Hk, D+1), zero on padding
     score = recall_scores(fm, k, v1, state, recurrent, layer.eps).masked_fill(~cur[:, :, None], float("-inf"))
     o_all, state = layer.rnn.scan(q, k, v, valid, state, recurrent)  # (B, T, H, D+1): every key up to t
     phi_q = fm.phi_q(q)
