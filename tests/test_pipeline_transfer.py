@@ -199,3 +199,24 @@ def test_evicted_weight_needs_a_window():
 
     with pytest.raises(DistillError, match="transfer.evicted_weight needs model.window > 0"):
         load_run_config(None, ["model.window=0", "transfer.evicted_weight=1"])
+
+
+def test_finetune_activation_checkpointing_recomputes_and_takes_the_same_steps():
+    """``activation_checkpointing`` runs every decoder layer again in the backward pass, and ends
+    at the student that training without it reaches."""
+    cfg = dict(enabled=True, steps=4, batch_size=2, lr=1e-2, lora_rank=4, checkpoint_every=100)
+    plain = _student(feature_map="hedgehog", window=4)
+    run_finetune(plain, DATA, FinetuneConfig(**cfg), _ctx())
+
+    model = _student(feature_map="hedgehog", window=4)
+    calls = {"n": 0}
+
+    def count(module, args):
+        calls["n"] += torch.is_grad_enabled()
+
+    model.model.layers[0].mlp.register_forward_pre_hook(count)
+    run_finetune(model, DATA, FinetuneConfig(**cfg, activation_checkpointing=True), _ctx())
+    assert calls["n"] == 2 * 4  # each step's student forward, then its recomputation
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)  # switched off again
+    for (name, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

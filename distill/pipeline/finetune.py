@@ -173,6 +173,8 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
         student = peft_model(input_ids=x, distill_mode="parallel", use_cache=False).logits
         return len(x) / len(batch) * distill_loss(student, teacher, x, cfg)
 
+    if cfg.activation_checkpointing:  # transformers recomputes each decoder layer in the backward pass
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     bar = ctx.progress(total=cfg.steps, initial=start, desc="finetune", unit="step")
     began = time.time()
     peft_model.train()
@@ -200,6 +202,8 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
                 ctx.store.save(KEY, tensors, meta)
     finally:
         bar.close()
+        if cfg.activation_checkpointing:
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     peft_model.eval()
     with torch.no_grad():
         steps.finish(lambda: float(loss_at(cfg.steps)))

@@ -133,6 +133,9 @@ class FinetuneConfig:
     checkpoint_every: optimizer steps between checkpoints.
     eval_every: steps between held-out perplexity checks, recorded as a curve in the report
         (0 = none).
+    activation_checkpointing: keep only each decoder layer's input in the forward pass and
+        recompute the rest in the backward pass (less memory for longer sequences or larger
+        batches, about one more forward pass of time; the same steps).
     """
 
     enabled: bool = False
@@ -149,6 +152,7 @@ class FinetuneConfig:
     crop: int = 0
     checkpoint_every: int = 50
     eval_every: int = 0
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         _positive(self, "batch_size", "lr", "lora_rank", "lora_alpha", "temperature", "checkpoint_every")
