@@ -295,7 +295,7 @@ def sparse_cache(ctx: Context) -> Result:
 
     s = convert_model(copy.deepcopy(teacher(ctx)), DEMO_STUDENT).eval()
     rows = []
-    for keys in (0, 64, 256, 512):
+    for keys in (0, 64, 256, 512, 768):
         set_sparse_cache(s, keys)
         rows.append({"sparse_cache": keys, **_speed_row(s, ctx.quick, f"sparse_cache={keys}")})
     for r in rows:

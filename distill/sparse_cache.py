@@ -53,16 +53,19 @@ def eviction_times(score: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, 
     """f(s) = w + max(s, p_M(s)) (module docstring): score/valid [B,L,Hk], pos [L] ascending ->
     f [B,L,Hk] int64. j beats s when valid_j and (score_j, pos_j) > (score_s, pos_s)."""
     B, L, Hk = score.shape
-    sc, ok = score.permute(0, 2, 1), valid.permute(0, 2, 1)  # (B, Hk, L)
+    # rank 0 beats every other key: the highest score, then the latest position (a stable sort of
+    # the keys in reverse order); a padded key gets rank L and beats nobody.
+    order = L - 1 - torch.sort(score.permute(0, 2, 1).flip(-1), dim=-1, descending=True, stable=True).indices  # (B, Hk, L)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=score.device).expand_as(order))
+    rank = rank.masked_fill(~valid.permute(0, 2, 1), L)  # (B, Hk, L)
     step = max(1, min(QUERY_BLOCK, 2**24 // max(1, B * Hk * L)))
     times = []
     for a in range(0, L, step):
-        s, ps = sc[..., a : a + step, None], pos[a : a + step, None]  # (B, Hk, n, 1), (n, 1)
-        beats = (sc[..., None, :] > s) | ((sc[..., None, :] == s) & (pos[None, :] > ps))  # (B, Hk, n, L)
-        count = (beats & ok[..., None, :]).cumsum(-1, dtype=torch.int32)
-        reached = count >= keep
-        p = torch.where(reached.any(-1), pos[reached.int().argmax(-1)], FAR)  # (B, Hk, n)
-        times.append(window + torch.maximum(ps[:, 0], p))
+        beats = rank[..., None, :] < rank[..., a : a + step, None]  # (B, Hk, n, L)
+        # the first position at which M keys have beaten s: the count of positions before it
+        first = (beats.cumsum(-1, dtype=torch.int32) < keep).sum(-1)  # (B, Hk, n); L = never
+        p = torch.where(first < L, pos[first.clamp(max=L - 1)], FAR)
+        times.append(window + torch.maximum(pos[a : a + step], p))
     return torch.cat(times, -1).permute(0, 2, 1)
 
 
@@ -83,39 +86,35 @@ def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
     B, T, H, D = q.shape
     L, Hk = kP.shape[1], kP.shape[2]
     G = H // Hk
+    v1P = torch.cat([vP.float(), vP.new_ones(B, L, Hk, 1, dtype=torch.float32)], -1)  # (B, L, Hk, D+1): den rides along
+    f = f.masked_fill(~okP, -1)  # a padded key is exact for no query
     parts = []
     for a in range(0, T, QUERY_BLOCK):
         b = min(T, a + QUERY_BLOCK)
         n = b - a
-        cand = okP & (posP[None, :, None] <= b - 1) & (f > a)  # (B, L, Hk): exact for some query here
-        K = min(L, layer.sparse_cache + layer.window + n)  # no query block sees more keys than this
+        cand = (posP[None, :, None] <= b - 1) & (f > a)  # (B, L, Hk): exact for some query here
+        K = max(1, min(L, layer.sparse_cache + layer.window + n, int(cand.sum(1).max())))  # no query here sees more keys
         if K == L:  # decoding, short inputs: every key is a candidate, nothing to select
-            k_u, v_u, phi_u = kP.float(), vP.float(), phi_kP.float()
-            pos_u, f_u, ok_u = posP[None, :, None].expand_as(f), f, cand
+            k_u, v_u, phi_u = kP, v1P, phi_kP
+            pos_u, f_u = posP[None, :, None].expand_as(f), f
         else:
             idx = _first(cand, K)  # (B, K, Hk)
-            k_u, v_u, phi_u = _gather(kP, idx).float(), _gather(vP, idx).float(), _gather(phi_kP, idx).float()
-            pos_u, f_u, ok_u = posP[idx], torch.gather(f, 1, idx), torch.gather(cand, 1, idx)  # (B, K, Hk) each
+            k_u, v_u, phi_u = _gather(kP, idx), _gather(v1P, idx), _gather(phi_kP, idx)
+            pos_u, f_u = posP[idx], torch.gather(f, 1, idx)  # (B, K, Hk) each
         t = torch.arange(a, b, device=q.device)[:, None]  # (n, 1)
-        mask = ok_u.permute(0, 2, 1)[:, :, None, :] & (pos_u.permute(0, 2, 1)[:, :, None, :] <= t) & (f_u.permute(0, 2, 1)[:, :, None, :] > t)
-        mask = mask[:, :, None]  # (B, Hk, 1, n, K)
-        qb = q[:, a:b].float().reshape(B, n, Hk, G, D)
-        scores = cap_scores(torch.einsum("btigd,bsid->bigts", qb, k_u) * layer.scaling, layer.softcap)  # (B, Hk, G, n, K)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        pos_u, f_u = pos_u.permute(0, 2, 1)[:, :, None, None, :], f_u.permute(0, 2, 1)[:, :, None, None, :]  # (B, Hk, 1, 1, K)
+        hidden = (pos_u > t) | (f_u <= t)  # (B, Hk, 1, n, K): not in E_t
+        qb = q[:, a:b].float().reshape(B, n, Hk, G, D) * layer.scaling
+        scores = cap_scores(torch.einsum("btigd,bsid->bigts", qb, k_u.float()), layer.softcap)  # (B, Hk, G, n, K)
+        scores.masked_fill_(hidden, float("-inf"))
         m = scores.amax(-1).clamp(min=NO_SCORE)  # (B, Hk, G, n)
-        e = torch.exp(scores - m[..., None])
-        kern = torch.einsum("btigf,bsif->bigts", phi_q[:, a:b].float().reshape(B, n, Hk, G, -1), phi_u) * mask
-        to_bthd = lambda x: x.reshape(B, n, H, D)  # noqa: E731
-        to_bth = lambda x: x.permute(0, 3, 1, 2).reshape(B, n, H)  # noqa: E731
-        parts.append(
-            (
-                to_bthd(torch.einsum("bigts,bsid->btigd", e, v_u)),
-                to_bth(e.sum(-1)),
-                to_bth(m),
-                to_bthd(torch.einsum("bigts,bsid->btigd", kern, v_u)),
-                to_bth(kern.sum(-1)),
-            )
-        )
+        e = scores.sub_(m[..., None]).exp_()  # in place: e^{s−m}, 0 where hidden
+        kern = torch.einsum("btigf,bsif->bigts", phi_q[:, a:b].float().reshape(B, n, Hk, G, -1), phi_u.float())
+        kern.masked_fill_(hidden, 0.0)
+        exact = torch.einsum("bigts,bsid->btigd", e, v_u).reshape(B, n, H, D + 1)  # (num, den)
+        overlap = torch.einsum("bigts,bsid->btigd", kern, v_u).reshape(B, n, H, D + 1)
+        m = m.permute(0, 3, 1, 2).reshape(B, n, H)
+        parts.append((exact[..., :D], exact[..., D], m, overlap[..., :D], overlap[..., D]))
     return [torch.cat(p, 1) for p in zip(*parts)]
 
 
