@@ -19,10 +19,11 @@ optional per-head decay (``decay``), and per token t:
 - ``delta`` (DeltaNet, Schlag et al., 2021; Yang et al., 2024):
   ``S_t = γ (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ``, ``k̂ = φ(k)/‖φ(k)‖``, readout
   ``S_tᵀ q̂_t`` (``q̂ = φ(q)/‖φ(q)‖``) with ``β_t = σ(w_β · v_t + b_β)`` per kv head (starts at
-  0.5). It overwrites an association instead of adding to it. It has no normaliser: its readout
-  is already a value estimate, and it enters the normalisation with a weight of 1 (see
-  :meth:`Recurrence.scan`), so in a softmax-window hybrid it counts as one pseudo-key of score
-  ``log g_h``.
+  0.5). It overwrites an association instead of adding to it. Its readout is already a value
+  estimate; it enters the normalisation weighted by the keys' kernel mass ``φ(q_t)·z_t``, the
+  normaliser ``linear`` would have over the same keys and decay (``z_t = α_t z_{t−1} + φ(k_t)``,
+  kept as a last column of the state). Alone it is read as ``S_tᵀ q̂_t``; in a softmax-window
+  hybrid the evicted keys weigh what they would in ``linear``, and so grow with their number.
 - ``gated_delta`` (Gated DeltaNet, Yang et al., 2025): ``delta`` under a data-dependent decay
   ``log α_t = −c σ(w_α · v_t + b_α) + log γ`` per kv head; ``c`` starts at 0, so a fresh
   ``gated_delta`` sublayer equals ``delta``.
@@ -93,9 +94,16 @@ def values_with_ones(v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
     return v1 if valid is None else v1 * valid[:, :, None, None]
 
 
-def _with_unit_normaliser(o: torch.Tensor) -> torch.Tensor:
-    """o [B,T,H,D] -> [o, 1] [B,T,H,D+1]: a readout that is its own value estimate."""
-    return torch.cat([o, o.new_ones(*o.shape[:-1], 1)], dim=-1)
+def _key_mass(pq, pk, valid, log_alpha, state, recurrent: bool):
+    """The normaliser of ``linear`` over the same stream: φ(q_t)·z_t with z_t = α_t z_{t−1} + φ(k_t)
+    (padding adds nothing). pq [B,T,H,F], pk [B,T,Hk,F] (features, not L2-normalised), log_alpha
+    [B,T,Hk] or None, state z [B,Hk,F,1] or None -> ([B,T,H,1] fp32, z)."""
+    ones = pk.new_ones(*pk.shape[:3], 1) if valid is None else valid[:, :, None, None].expand(*pk.shape[:3], 1).float()
+    if log_alpha is None:
+        op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
+        return op(pq, pk, ones, initial_state=state)
+    op = ops.recurrent_gla if recurrent else ops.chunk_gla
+    return op(pq, pk, ones, log_alpha[..., None].expand_as(pk).contiguous(), initial_state=state)
 
 
 class _PerHeadLowRank(nn.Module):
@@ -200,11 +208,14 @@ class DeltaRecurrence(Recurrence):
         return la if valid is None else la * valid[..., None]
 
     def scan(self, fm, q, k, v, valid, log_decay, state, recurrent):
+        """State [B,Hk,F,D+1]: the delta rule's S, then the key mass z of :func:`_key_mass`."""
         op = ops.recurrent_delta_rule if recurrent else ops.chunk_delta_rule
-        pq = F.normalize(fm.phi_q(q).float(), dim=-1)  # (B, T, H, F)
-        pk = F.normalize(fm.phi_k(k).float(), dim=-1)  # (B, T, Hk, F)
-        o, state = op(pq, pk, v.float(), self.beta(v, valid), self.log_alpha(v, valid, log_decay), initial_state=state)
-        return _with_unit_normaliser(o), state
+        pq, pk = fm.phi_q(q).float(), fm.phi_k(k).float()  # (B, T, H, F), (B, T, Hk, F)
+        log_alpha = self.log_alpha(v, valid, log_decay)
+        s, z = (None, None) if state is None else (state[..., :-1], state[..., -1:])
+        o, s = op(F.normalize(pq, dim=-1), F.normalize(pk, dim=-1), v.float(), self.beta(v, valid), log_alpha, initial_state=s)
+        mass, z = _key_mass(pq, pk, valid, log_alpha, z, recurrent)  # (B, T, H, 1)
+        return torch.cat([o * mass, mass], -1), torch.cat([s, z], -1)
 
 
 @register_recurrence("gated_delta")

@@ -164,3 +164,37 @@ def test_liger_gate_reads_the_key_and_ignores_its_rotary_position():
     assert (log_alpha < 0).all()
     other = gate.log_alpha(torch.randn(1, 1, 2, 16), None, None, None)
     assert not torch.allclose(other, log_alpha[:, :1], atol=1e-3)
+
+
+@pytest.mark.parametrize("recurrence,decay", [("delta", "none"), ("delta", "fixed"), ("gated_delta", "learned")])
+def test_delta_rules_weigh_their_value_estimate_by_the_key_mass(recurrence, decay):
+    """A delta rule's readout is (estimate · mass, mass): the estimate is S_tᵀq̂_t of the delta rule
+    and the mass φ(q_t)·z_t, z_t = α_t z_{t−1} + φ(k_t), what ``linear`` would normalise by over
+    the same keys and decay (written out here in float64; padding adds nothing)."""
+    import torch.nn.functional as F
+
+    from distill_kernels.delta import naive_delta_rule
+
+    model = student(recurrence, 1, 0, decay=decay)
+    rnn = model.model.layers[0].self_attn.rnn
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(1, 90, 4, 16, generator=g), torch.randn(1, 90, 2, 16, generator=g), torch.randn(1, 90, 2, 16, generator=g)
+    valid = torch.ones(1, 90, dtype=torch.bool)
+    valid[0, :5] = valid[0, 50] = False
+    with torch.no_grad():
+        o, state = rnn.scan(q, k, v, valid, None, recurrent=False)
+        pq, pk = rnn.feature_map.phi_q(q).double(), rnn.feature_map.phi_k(k).double()  # (1, T, 4, F), (1, T, 2, F)
+        log_alpha = rnn.recurrence.log_alpha(v, valid, rnn.log_decay())
+        log_alpha = torch.zeros(1, 90, 2) if log_alpha is None else log_alpha
+        z, mass = torch.zeros(2, pk.shape[-1], dtype=torch.float64), []
+        for t in range(90):
+            z = log_alpha[0, t].double().exp()[:, None] * z + pk[0, t] * valid[0, t]
+            mass.append((pq[0, t] * z.repeat_interleave(2, dim=0)).sum(-1))  # (4,)
+        mass = torch.stack(mass)[None]  # (1, T, 4)
+        estimate, _ = naive_delta_rule(
+            F.normalize(pq, dim=-1), F.normalize(pk, dim=-1), v.double(), rnn.recurrence.beta(v, valid).double(), log_alpha.double()
+        )
+    assert mass[0, 10:].min() > 0.1  # a scale the estimate really is weighed by
+    torch.testing.assert_close(o[..., -1].double(), mass, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o[..., :-1].double(), estimate * mass[..., None], rtol=1e-4, atol=1e-5)
+    assert state.shape[-1] == 16 + 1  # the delta rule's S, then z
