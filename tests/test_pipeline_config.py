@@ -103,3 +103,40 @@ def test_every_key_is_documented():
     assert len(rows) > 30
     missing = [key for key, _, text in rows if not text]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_auto_threads_fall_to_one_only_on_a_small_busy_machine(monkeypatch):
+    import os
+
+    import torch
+
+    from distill.pipeline import run as run_mod
+
+    default = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    try:
+        monkeypatch.setattr(run_mod, "busy_cores", lambda: 1.0)
+        assert run_mod.set_threads(0) == 1
+        monkeypatch.setattr(run_mod, "busy_cores", lambda: 0.1)
+        torch.set_num_threads(default)
+        assert run_mod.set_threads(0) == default
+        assert run_mod.set_threads(3) == 3  # an explicit setting always holds
+    finally:
+        torch.set_num_threads(default)
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    from distill.pipeline.run import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 20\nwhile time.time() < end: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)  # let it start spinning
+        assert busy_cores(0.5) >= 0.5
+    finally:
+        spin.kill()
+        spin.wait()

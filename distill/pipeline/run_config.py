@@ -181,9 +181,9 @@ class RunConfig:
     dtype: weights dtype: float32, bfloat16 or float16 (new parameters always train in fp32).
     device: auto (cuda if visible), cpu or cuda[:N].
     batch_size_eval: sequences per perplexity forward.
-    threads: CPU threads for torch; 0 = auto: one thread on a machine with at most 2 cores (or
-        up to 4 cores with other work running), where torch's threads mostly wait on each
-        other at every small op; torch's default otherwise.
+    threads: CPU threads for torch; 0 = auto: one thread on a machine of at most 4 cores that
+        other processes keep busy when the run starts (torch's threads then mostly wait on each
+        other at every op); torch's default otherwise.
     dist_timeout: under torchrun, seconds a rank waits for the others at a collective before it
         stops with an error (a rank that dies is usually noticed at once); may change on --resume.
     """
