@@ -93,7 +93,9 @@ def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
         b = min(T, a + QUERY_BLOCK)
         n = b - a
         cand = (posP[None, :, None] <= b - 1) & (f > a)  # (B, L, Hk): exact for some query here
-        K = max(1, min(L, layer.sparse_cache + layer.window + n, int(cand.sum(1).max())))  # no query here sees more keys
+        K = min(L, layer.sparse_cache + layer.window + n)  # no query block sees more keys than this
+        if K < L:  # a prompt: trim the gather to this block's candidates (early blocks have few)
+            K = max(1, min(K, int(cand.sum(1).max())))
         if K == L:  # decoding, short inputs: every key is a candidate, nothing to select
             k_u, v_u, phi_u = kP, v1P, phi_kP
             pos_u, f_u = posP[None, :, None].expand_as(f), f
