@@ -212,7 +212,7 @@ class DeltaRecurrence(Recurrence):
         op = ops.recurrent_delta_rule if recurrent else ops.chunk_delta_rule
         pq, pk = fm.phi_q(q).float(), fm.phi_k(k).float()  # (B, T, H, F), (B, T, Hk, F)
         log_alpha = self.log_alpha(v, valid, log_decay)
-        s, z = (None, None) if state is None else (state[..., :-1], state[..., -1:])
+        s, z = (None, None) if state is None else (state[..., :-1].contiguous(), state[..., -1:].contiguous())
         o, s = op(F.normalize(pq, dim=-1), F.normalize(pk, dim=-1), v.float(), self.beta(v, valid), log_alpha, initial_state=s)
         mass, z = _key_mass(pq, pk, valid, log_alpha, z, recurrent)  # (B, T, H, 1)
         return torch.cat([o * mass, mass], -1), torch.cat([s, z], -1)
