@@ -85,8 +85,8 @@ def test_nan_loss_rolls_back_and_is_reported(monkeypatch):
 
     snapshot = {}
 
-    def spy(attn, q, k, v, target, cfg, seed, check, bar=None, comm=None):
-        result = real_train(attn, q, k, v, target, cfg, seed, check, bar, comm)
+    def spy(attn, *args, **kwargs):
+        result = real_train(attn, *args, **kwargs)
         snapshot[attn.layer_idx] = {n: p.detach().clone() for n, p in new_parameters(attn).items()}
         return result
 
@@ -220,3 +220,35 @@ def test_finetune_activation_checkpointing_recomputes_and_takes_the_same_steps()
     assert not any(layer.gradient_checkpointing for layer in model.model.layers)  # switched off again
     for (name, a), (_, b) in zip(plain.state_dict().items(), model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_position_shift_trains_on_moved_positions_with_unmoved_targets(monkeypatch):
+    """``transfer.position_shift``: the teacher's attention output does not change when every
+    position moves (so the targets stay), the student's does, and each training step's q is the
+    layer's projection of one pool sequence at positions moved by some offset in 0..shift."""
+    from distill.pipeline.layerwise import attention_input, embed, position_embeddings
+
+    model = _student(feature_map="hedgehog", window=4)
+    attn = model.model.layers[0].self_attn
+    x = attention_input(model, 0, embed(model, DATA.train, 4))  # (4, 32, hidden)
+    with torch.no_grad():
+        at = {o: attn.project(x, position_embeddings(model, x[:1], o)) for o in range(41)}
+        for o in (0, 17, 40):
+            torch.testing.assert_close(attn.teacher_attention(*at[o]), attn.teacher_attention(*at[0]), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(attn.student_attention(*at[40]), attn.student_attention(*at[0]), atol=1e-3)
+
+    seen, real = [], transfer_mod.student_output
+
+    def record(layer, q, k, v):
+        if torch.is_grad_enabled() and layer.layer_idx == 0:
+            seen.append(q.detach().clone())
+        return real(layer, q, k, v)
+
+    monkeypatch.setattr(transfer_mod, "student_output", record)
+    run_transfer(model, DATA, TransferConfig(steps=6, batch_size=1, position_shift=40), _ctx())
+    offsets = []
+    for q in seen:
+        match = [(o, r) for o in at for r in range(4) if torch.allclose(q[0], at[o][0][r], atol=1e-6)]
+        assert match, "a step trained on q that no pool sequence has at any offset in 0..40"
+        offsets.append(match[0][0])
+    assert len(offsets) == 6 and len(set(offsets)) > 1 and max(offsets) > 0

@@ -20,10 +20,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_architecture(model.config.model_type).decoder_layers(model)
 
 
-def position_embeddings(model: nn.Module, hidden: torch.Tensor):
-    """RoPE for positions 0..T-1 of ``hidden`` [B, T, hidden]: (cos, sin) [1, T, R] each, or a dict
-    of them keyed by layer type (Gemma 3); :meth:`LinearAttention.project` takes either."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]  # (1, T)
+def position_embeddings(model: nn.Module, hidden: torch.Tensor, offset: int = 0):
+    """RoPE for positions offset..offset+T-1 of ``hidden`` [B, T, hidden]: (cos, sin) [1, T, R] each,
+    or a dict of them keyed by layer type (Gemma 3); :meth:`LinearAttention.project` takes either."""
+    positions = torch.arange(offset, offset + hidden.shape[1], device=hidden.device)[None]  # (1, T)
     return get_architecture(model.config.model_type).position_embeddings(model, hidden, positions)
 
 

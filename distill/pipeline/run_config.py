@@ -72,6 +72,10 @@ class TransferConfig:
         window, normalised over them (relative MSE per head, queries t ≥ window); 0 = off.
     inputs: ``teacher`` = each layer sees the teacher's hidden states; ``student`` = the hidden
         states of the already converted layers below it (closer to how the student runs).
+    position_shift: each step moves its sequences to RoPE positions offset..offset+T−1, with the
+        offset drawn from 0..position_shift (0 = off). The teacher's attention output does not
+        change under the shift, so the targets stay; the feature maps, which read q and k after
+        RoPE, see positions past ``seq_len``.
     eval_sequences: held-out sequences on which the per-layer MSE before/after is measured.
     """
 
@@ -84,11 +88,12 @@ class TransferConfig:
     xent_queries: int = 64
     evicted_weight: float = 0.0
     inputs: str = "teacher"
+    position_shift: int = 0
     eval_sequences: int = 2
 
     def validate(self) -> None:
         _positive(self, "batch_size", "lr", "xent_queries")
-        _non_negative(self, "steps", "sequences", "xent_weight", "evicted_weight", "eval_sequences")
+        _non_negative(self, "steps", "sequences", "xent_weight", "evicted_weight", "eval_sequences", "position_shift")
         _choice(self, "inputs", TRANSFER_INPUTS)
 
 

@@ -116,11 +116,13 @@ def evicted_loss(attn: LinearAttention, q, k, v, comm: Comm | None = None) -> to
 
 
 def train_layer(
-    attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None, comm: Comm | None = None
+    attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None, comm: Comm | None = None, reproject=None
 ) -> dict:
     """Adam on the layer's new parameters; ``check()`` is the held-out loss that decides whether the
     final parameters are kept (see :meth:`GuardedSteps.finish`). With ``comm`` the ranks hold the
-    same pool and each computes its share ``rank::world`` of every batch. Returns {curve, events}."""
+    same pool and each computes its share ``rank::world`` of every batch. With ``cfg.position_shift``,
+    ``reproject(rows, offset)`` gives q, k, v of those rows at RoPE positions moved by ``offset``
+    (the targets do not move). Returns {curve, events}."""
     comm = comm or Comm()
     params = new_parameters(attn)
     if not params or not cfg.steps:
@@ -144,7 +146,12 @@ def train_layer(
     curve = []
     for step in range(cfg.steps):
         rows = torch.randint(len(q), (min(cfg.batch_size, len(q)),), generator=generator).to(q.device)
-        value = steps.step(batch_loss(attn, q, k, v, target, rows, cfg, idx, power, evicted, comm), step)
+        if cfg.position_shift:
+            offset = int(torch.randint(cfg.position_shift + 1, (1,), generator=generator))
+            qkv = lambda mine: reproject(mine, offset)  # noqa: E731
+        else:
+            qkv = lambda mine: (q[mine], k[mine], v[mine])  # noqa: E731
+        value = steps.step(batch_loss(attn, qkv, target, rows, cfg, idx, power, evicted, comm), step)
         if value is None:
             if steps.exhausted:
                 break
@@ -158,14 +165,14 @@ def train_layer(
     return {"curve": curve[::stride], "events": steps.events}
 
 
-def batch_loss(attn, q, k, v, target, rows, cfg: TransferConfig, idx, power: float, evicted: bool, comm: Comm) -> torch.Tensor:
-    """This rank's share of the loss on the global batch ``rows``: its rows ``rank::world``, each
-    term weighted so that the shares sum to the one-process loss."""
+def batch_loss(attn, qkv, target, rows, cfg: TransferConfig, idx, power: float, evicted: bool, comm: Comm) -> torch.Tensor:
+    """This rank's share of the loss on the global batch ``rows``: its rows ``rank::world`` (q, k, v
+    from ``qkv(rows)``), each term weighted so that the shares sum to the one-process loss."""
     mine = rows[comm.shard(len(rows))]
     if not len(mine):  # more ranks than rows: a zero share that still has a graph
         return sum(p.sum() * 0.0 for p in new_parameters(attn).values())
     share = len(mine) / len(rows)
-    qb, kb, vb = q[mine], k[mine], v[mine]
+    qb, kb, vb = qkv(mine)
     out = student_output(attn, qb, kb, vb)
     loss = share * (out.float() - target[mine].float()).pow(2).mean() / power
     if cfg.xent_weight:
@@ -302,9 +309,16 @@ def transfer_layer(
     q, k, v, target = sharded_targets(model, attn, hidden, rope, batch, comm)
     vq, vk, vv, vtarget = sharded_targets(model, attn, val, rope, batch, comm)
     before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch)
+    reproject = None
+    if cfg.position_shift:
+        x = comm.cat_shards(attention_input(model, i, hidden[comm.shard(len(hidden))]), len(hidden))  # (N, T, hidden)
+
+        def reproject(rows, offset):
+            return attn.project(x[rows], position_embeddings(model, x[:1], offset))
+
     with torch.enable_grad():
         trained = train_layer(
-            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar, comm
+            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar, comm, reproject
         )
     after_abs, after = relative_mse(attn, vq, vk, vv, vtarget, batch)
     return TransferLayer(
