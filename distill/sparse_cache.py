@@ -86,7 +86,7 @@ def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
     B, T, H, D = q.shape
     L, Hk = kP.shape[1], kP.shape[2]
     G = H // Hk
-    v1P = torch.cat([vP.float(), vP.new_ones(B, L, Hk, 1, dtype=torch.float32)], -1)  # (B, L, Hk, D+1): den rides along
+    v1P = values_with_ones(vP, None)  # (B, L, Hk, D+1): den rides along (padded keys are masked below)
     f = f.masked_fill(~okP, -1)  # a padded key is exact for no query
     parts = []
     for a in range(0, T, QUERY_BLOCK):
