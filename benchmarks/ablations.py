@@ -59,9 +59,9 @@ def _random_projection(model, seed: int) -> None:
 def _set_mixing(model, ids, cfg: RunConfig) -> None:
     """The fit stage's per-head scale of the linear part (window > 0), without fitting φ."""
     layers = converted_layers(model)
-    for i, q, k in collect_qk(model, ids[: cfg.fit.sequences], layers, batch=cfg.fit.sequences):
+    for i, q, k, features in collect_qk(model, ids[: cfg.fit.sequences], layers, batch=cfg.fit.sequences):
         layer = decoder_layers(model)[i].self_attn
-        set_mix(layer, make_pairs(layer, q, k, cfg.fit))
+        set_mix(layer, make_pairs(layer, q, k, cfg.fit, features))
 
 
 def _state_bytes(model) -> int:

@@ -39,6 +39,11 @@ class ConvertConfig:
         that have left the window stay exact, the ones the linear state recalls worst
         (:mod:`distill.sparse_cache`); 0 = off. Needs ``window`` > 0, the ``linear`` recurrence
         and no decay. Training-free: conversion trains without it and switches it on at the end.
+    linear_rope: whether the feature maps read q and k after RoPE (true, as LoLCATs does) or
+        before it (false): the linear part then sees no positions, so the student depends on
+        relative positions only, as its teacher does, and reads tokens past its training length
+        as it reads those within (the window and sparse cache stay exact under RoPE). The cache
+        then also keeps its window and sparse keys as the feature maps read them.
     eps: added to the normaliser.
     """
 
@@ -53,6 +58,7 @@ class ConvertConfig:
     eps: float = 1e-6
     sliding_layers: str = "convert"
     sparse_cache: int = 0
+    linear_rope: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,6 +87,8 @@ class ConvertConfig:
                 "sparse_cache needs a softmax window, the linear recurrence and no decay "
                 f"(got window={self.window}, recurrence={self.recurrence}, decay={self.decay}); set those or sparse_cache=0"
             )
+        if not isinstance(self.linear_rope, bool):
+            raise DistillError(f"linear_rope must be true or false, got {self.linear_rope!r}")
         if not self.eps > 0:
             raise DistillError(f"eps must be > 0, got {self.eps!r}")
         layers = list(self.keep_softmax_layers)

@@ -205,6 +205,7 @@ def _build_replacements(model: nn.Module, cfg: ConvertConfig, spec: RNNSpec) -> 
             window=cfg.window,
             eps=cfg.eps,
             sparse_cache=cfg.sparse_cache,
+            linear_rope=cfg.linear_rope,
             **arch.layer_options(config, i),
         )
         ref = attn.o_proj.weight

@@ -8,8 +8,11 @@ after RoPE:
     window = w:   y_t = (Σ_{t-w<s≤t} e^{s_ts − m_t} v_s + e^{log g_h − m_t} φ(q_t)ᵀS_{t−w})
                         / (Σ_{t-w<s≤t} e^{s_ts − m_t}     + e^{log g_h − m_t} φ(q_t)ᵀz_{t−w} + ε)
 
-where s_ts = q_t·k_s·scale (the teacher's scale, capped as c·tanh(s/c) where the teacher
-soft-caps its attention logits, Gemma 2; the linear part then approximates the capped scores),
+φ reads q and k after RoPE; with ``linear_rope: false`` it reads them before RoPE (the exact
+parts keep RoPE), so that the linear part sees no positions and the layer, like its teacher,
+depends on relative positions only. Here s_ts = q_t·k_s·scale (the teacher's scale, capped as
+c·tanh(s/c) where the teacher soft-caps its attention logits, Gemma 2; the linear part then
+approximates the capped scores),
 S/z sum only keys older than the window, and g_h = exp(log_mix_h) is a learned per-head mixing
 factor (LoLCATs-style hybrid, one shared normalisation). The shift m_t is the larger of the
 window's top score and log(g_h φ(q_t)ᵀz_{t−w}), so that the larger of the two parts is 1: the
@@ -92,7 +95,8 @@ class LinearAttention(KeepFloat32):
     norms on [B,T,H,D]) or ``"flat"`` (norms on the flat projections [B,T,H·D]); fused_qkv: ``attn``
     has one ``qkv_proj`` with rows [q | k | v]; softcap: the teacher's attention-logit cap (None =
     none); use_rope: whether this layer rotates q and k; rope_key: which entry of a per-layer-type
-    RoPE mapping is this layer's (None = RoPE comes as one (cos, sin)).
+    RoPE mapping is this layer's (None = RoPE comes as one (cos, sin)); linear_rope: whether the
+    feature maps read q and k after RoPE (True) or before it (False, see :meth:`feature_inputs`).
     """
 
     float32_tensors = ("log_mix",)
@@ -115,6 +119,7 @@ class LinearAttention(KeepFloat32):
         use_rope: bool = True,
         rope_key: str | None = None,
         sparse_cache: int = 0,
+        linear_rope: bool = True,
     ):
         super().__init__()
         self.teacher_class = type(attn)  # to give the layer its softmax attention back (restore_softmax)
@@ -127,6 +132,9 @@ class LinearAttention(KeepFloat32):
         self.sparse_cache = sparse_cache  # LoLA's M (distill.sparse_cache); 0 = off; set after training
         self.qk_norm, self.fused_qkv, self.softcap = qk_norm, fused_qkv, softcap
         self.use_rope, self.rope_key = use_rope, rope_key
+        # The feature maps read q/k before RoPE (the linear part sees no positions): the layer then
+        # unrotates the rotated q/k it is given and keeps its cached keys in both forms.
+        self.unrotates = use_rope and not linear_rope
         # Shared with the teacher: same Parameter objects, same state-dict names.
         if fused_qkv:
             self.qkv_proj = attn.qkv_proj
@@ -159,27 +167,47 @@ class LinearAttention(KeepFloat32):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            rope = position_embeddings[self.rope_key] if isinstance(position_embeddings, dict) else position_embeddings
-            cos, sin = rope
+            cos, sin = self._rope(position_embeddings)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
+
+    def _rope(self, position_embeddings):
+        return position_embeddings[self.rope_key] if isinstance(position_embeddings, dict) else position_embeddings
+
+    def feature_inputs(self, q, k, position_embeddings=None):
+        """What the feature maps read: q [B,T,H,D], k [B,T,Hk,D] as :meth:`project` gives them
+        (rotated), or, with ``linear_rope: false``, turned back by the same RoPE (whose
+        ``position_embeddings`` are then required): the linear part then sees no positions, so
+        the layer depends on relative positions only, as softmax attention does."""
+        if not self.unrotates:
+            return q, k
+        if position_embeddings is None:
+            raise ValueError(
+                f"layer {self.layer_idx} reads q/k before RoPE (linear_rope: false): pass the RoPE (cos, sin) of these tokens"
+            )
+        cos, sin = self._rope(position_embeddings)
+        return apply_rope(q, cos, -sin), apply_rope(k, cos, -sin)
 
     def teacher_attention(self, q, k, v, valid=None):
         """The teacher's softmax attention: [B,T,H,D] x2 -> y [B,T,H,D]."""
         mask = teacher_mask(q.shape[1], valid, self.teacher_sliding_window, q.device)
         return softmax_attention(q, k, v, mask, self.scaling, self.softcap)
 
-    def student_attention(self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False):
-        """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``."""
+    def student_attention(
+        self, q, k, v, valid=None, layer_cache: RecurrentLayer | None = None, recurrent=False, position_embeddings=None
+    ):
+        """q [B,T,H,D], k/v [B,T,Hk,D], valid [B,T] -> y [B,T,H,D] fp32; updates ``layer_cache``.
+        ``position_embeddings``: the RoPE of these tokens, needed with ``linear_rope: false``."""
         states = layer_cache.states if layer_cache is not None and layer_cache.states else [None] * self.depth
         recent = sparse = None
+        qf, kf = self.feature_inputs(q, k, position_embeddings)
         if not self.window:
-            o, state = self.rnn.scan(q, k, v, valid, states[0], recurrent)  # (B, T, H, D+1)
+            o, state = self.rnn.scan(qf, kf, v, valid, states[0], recurrent)  # (B, T, H, D+1)
             y = o[..., :-1] / (o[..., -1:] + self.eps)
         elif self.sparse_cache:
-            y, state, recent, sparse = sparse_hybrid(self, q, k, v, valid, layer_cache, states[0], recurrent)
+            y, state, recent, sparse = sparse_hybrid(self, q, k, v, valid, layer_cache, states[0], recurrent, qf, kf)
         else:
-            y, state, recent = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent)
+            y, state, recent = self._hybrid(q, k, v, valid, layer_cache, states[0], recurrent, qf, kf)
         new_states = [state]
         for sub, sub_state in zip(self.stack, states[1:]):
             y, sub_state = sub(y, valid, sub_state, recurrent, self.eps)
@@ -201,7 +229,8 @@ class LinearAttention(KeepFloat32):
 
     def evicted_readout(self, q, k, v):
         """What the linear part alone reads from the keys that have left the window, normalised by
-        itself (no window, no mixing): q [B,T,H,D], k/v [B,T,Hk,D] -> y [B,T−w,H,D] fp32 for the
+        itself (no window, no mixing): q [B,T,H,D], k/v [B,T,Hk,D] (q and k as the feature maps read
+        them, :meth:`feature_inputs`) -> y [B,T−w,H,D] fp32 for the
         queries t ≥ w (earlier ones have no evicted key). Sublayer 1 only; the training target of
         :func:`teacher_evicted_attention`."""
         B, T, H, D = q.shape
@@ -221,21 +250,27 @@ class LinearAttention(KeepFloat32):
         mask = teacher_mask(T - w, None, sliding - w if sliding else None, q.device)
         return softmax_attention(q[:, w:], k[:, : T - w], v[:, : T - w], mask, self.scaling, self.softcap)
 
-    def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent):
+    def _hybrid(self, q, k, v, valid, layer_cache, state, recurrent, qf, kf):
+        """The hybrid without a sparse cache; qf/kf: what the feature maps read (:meth:`feature_inputs`).
+        The cache's ``recent`` holds the window's keys, values and flags, and its keys as the
+        feature maps read them when those differ."""
         B, T, H, D = q.shape
         w = self.window
         if layer_cache is not None and layer_cache.recent is not None:
-            wk, wv, wvalid = layer_cache.recent
+            wk, wv, wvalid, *wkf = layer_cache.recent
         else:
             wk, wv = k.new_zeros(B, w, self.num_kv_heads, D), v.new_zeros(B, w, self.num_kv_heads, D)
             wvalid = torch.zeros(B, w, dtype=torch.bool, device=q.device)
+            wkf = [torch.zeros_like(wk)] if self.unrotates else []
         cur_valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         k_all, v_all = torch.cat([wk, k], 1), torch.cat([wv, v], 1)  # (B, w+T, Hk, D)
+        kf_all = torch.cat([wkf[0], kf], 1) if self.unrotates else k_all
         valid_all = torch.cat([wvalid, cur_valid], 1)  # (B, w+T)
-        o_lin, state = self._evicted_scan(q, k_all, v_all, valid_all, state, recurrent)
+        o_lin, state = self._evicted_scan(qf, kf_all, v_all, valid_all, state, recurrent)
         num, den, m = window_softmax(q, k_all, v_all, valid_all, w, self.scaling, self.softcap)
         y = mix_exact_linear(num, den, m, o_lin[..., :-1], o_lin[..., -1], self.log_mix, self.eps)
-        return y, state, (k_all[:, -w:], v_all[:, -w:], valid_all[:, -w:])
+        recent = (k_all[:, -w:], v_all[:, -w:], valid_all[:, -w:]) + ((kf_all[:, -w:],) if self.unrotates else ())
+        return y, state, recent
 
     def forward(
         self,
@@ -272,6 +307,6 @@ class LinearAttention(KeepFloat32):
                         "let the model create its cache (do not pass a DynamicCache)"
                     )
             recurrent = mode == "recurrent" or (mode == "auto" and T == 1)
-            y = self.student_attention(q, k, v, valid, layer_cache, recurrent)
+            y = self.student_attention(q, k, v, valid, layer_cache, recurrent, position_embeddings)
         out = self.o_proj(y.to(hidden_states.dtype).reshape(B, T, self.num_heads * self.head_dim))
         return out, None

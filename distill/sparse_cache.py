@@ -120,69 +120,87 @@ def _exact_and_overlap(layer, q, phi_q, kP, vP, phi_kP, posP, f, okP):
     return [torch.cat(p, 1) for p in zip(*parts)]
 
 
-def _empty_slots(k, v, n: int):
+def _empty_slots(k, v, n: int, unrotates: bool):
     """n empty sparse-cache slots per kv head for k/v [B,T,Hk,D]: keys, values [B,n,Hk,D], scores
-    (−inf) and valid flags (False) [B,n,Hk]."""
+    (−inf) and valid flags (False) [B,n,Hk], and the keys as the feature maps read them when those
+    differ (``unrotates``)."""
     B, _, Hk, D = k.shape
-    return (
+    slots = (
         k.new_zeros(B, n, Hk, D),
         v.new_zeros(B, n, Hk, D),
         torch.full((B, n, Hk), float("-inf"), device=k.device),
         torch.zeros(B, n, Hk, dtype=torch.bool, device=k.device),
     )
+    return slots + ((k.new_zeros(B, n, Hk, D),) if unrotates else ())
 
 
-def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool):
+def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool, qf=None, kf=None):
     """The hybrid with a sparse global cache (module docstring). q [B,T,H,D], k/v [B,T,Hk,D],
-    valid [B,T] or None; ``layer_cache`` holds (after an earlier call) the sparse keys and the window
-    (``sparse``, ``recent``), ``state`` the sum of every key so far [B,Hk,F,D+1].
-    -> y [B,T,H,D] fp32, state, recent (k, v [B,w,Hk,D], valid [B,w], score [B,w,Hk]),
-    sparse (k, v [B,M,Hk,D], score, valid [B,M,Hk])."""
+    valid [B,T] or None; qf/kf: q and k as the feature maps read them (default q and k; see
+    ``LinearAttention.feature_inputs``); ``layer_cache`` holds (after an earlier call) the sparse
+    keys and the window (``sparse``, ``recent``), ``state`` the sum of every key so far
+    [B,Hk,F,D+1]. -> y [B,T,H,D] fp32, state, recent (k, v [B,w,Hk,D], valid [B,w], score
+    [B,w,Hk]), sparse (k, v [B,M,Hk,D], score, valid [B,M,Hk]); when the feature maps read other
+    keys (``layer.unrotates``), recent and sparse end with those keys [B,w|M,Hk,D]."""
     B, T, H, D = q.shape
     Hk, w, M = layer.num_kv_heads, layer.window, layer.sparse_cache
+    unrotates = layer.unrotates
+    qf, kf = (q if qf is None else qf), (k if kf is None else kf)
     fm = layer.rnn.feature_map
     dev = q.device
     cur = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
     if layer_cache is not None and layer_cache.sparse is not None:
-        sk, sv, s_score, s_ok = layer_cache.sparse
-        rk, rv, r_valid, r_score = layer_cache.recent
+        sk, sv, s_score, s_ok, *skf = layer_cache.sparse
+        rk, rv, r_valid, r_score, *rkf = layer_cache.recent
     else:  # a fresh input: a prompt needs no empty sparse slots in front, a single token needs M
-        sk, sv, s_score, s_ok = _empty_slots(k, v, M if T == 1 else 0)
+        sk, sv, s_score, s_ok, *skf = _empty_slots(k, v, M if T == 1 else 0, unrotates)
         rk, rv = k.new_zeros(B, w, Hk, D), v.new_zeros(B, w, Hk, D)
+        rkf = [torch.zeros_like(rk)] if unrotates else []
         r_valid = torch.zeros(B, w, dtype=torch.bool, device=dev)
         r_score = q.new_full((B, w, Hk), float("-inf"), dtype=torch.float32)
+    if not unrotates:  # the feature maps read the cached keys themselves
+        skf, rkf = [sk], [rk]
     v1 = values_with_ones(v, valid)  # (B, T, Hk, D+1), zero on padding
-    score = recall_scores(fm, k, v1, state, recurrent, layer.eps).masked_fill(~cur[:, :, None], float("-inf"))
-    o_all, state = layer.rnn.scan(q, k, v, valid, state, recurrent)  # (B, T, H, D+1): every key up to t
-    phi_q = fm.phi_q(q)
+    score = recall_scores(fm, kf, v1, state, recurrent, layer.eps).masked_fill(~cur[:, :, None], float("-inf"))
+    o_all, state = layer.rnn.scan(qf, kf, v, valid, state, recurrent)  # (B, T, H, D+1): every key up to t
+    phi_q = fm.phi_q(qf)
     if T == 1:  # decoding: the key leaving the window joins the cache, which drops its worst
-        cand = (torch.cat([sk, rk[:, :1]], 1), torch.cat([sv, rv[:, :1]], 1), torch.cat([s_score, r_score[:, :1]], 1))
-        cand_ok = torch.cat([s_ok, r_valid[:, :1, None].expand(B, 1, Hk)], 1)  # (B, M+1, Hk)
+        cand = (
+            torch.cat([sk, rk[:, :1]], 1),
+            torch.cat([sv, rv[:, :1]], 1),
+            torch.cat([s_score, r_score[:, :1]], 1),
+            torch.cat([s_ok, r_valid[:, :1, None].expand(B, 1, Hk)], 1),  # (B, M+1, Hk)
+        ) + ((torch.cat([skf[0], rkf[0][:, :1]], 1),) if unrotates else ())
         drop = cand[2].argmin(1)  # (B, Hk): −inf (an empty slot) first, then the lowest score, then the oldest
         before = torch.arange(M, device=dev)[None, :, None] < drop[:, None, :]  # (B, M, Hk): slots before the dropped one
         sparse = tuple(
-            torch.where(before.reshape(*before.shape, *([1] * (x.dim() - 3))), x[:, :M], x[:, 1:]) for x in (*cand, cand_ok)
+            torch.where(before.reshape(*before.shape, *([1] * (x.dim() - 3))), x[:, :M], x[:, 1:]) for x in cand
         )  # the dropped slot is closed up, so the slots stay in position order
         kE, vE = torch.cat([sparse[0], rk[:, 1:], k], 1), torch.cat([sparse[1], rv[:, 1:], v], 1)  # (B, M+w, Hk, D)
+        kfE = torch.cat([sparse[4], rkf[0][:, 1:], kf], 1) if unrotates else kE
         okE = torch.cat([sparse[3], r_valid[:, 1:, None].expand(B, w - 1, Hk), cur[..., None].expand(B, 1, Hk)], 1)
         posE = torch.arange(1 - M - w, 1, device=dev)
         fE = torch.full(okE.shape, FAR, dtype=torch.long, device=dev)  # all exact for this query
-        parts = _exact_and_overlap(layer, q, phi_q, kE, vE, fm.phi_k(kE), posE, fE, okE)
+        parts = _exact_and_overlap(layer, q, phi_q, kE, vE, fm.phi_k(kfE), posE, fE, okE)
         recent = (kE[:, -w:], vE[:, -w:], torch.cat([r_valid[:, 1:], cur], 1), torch.cat([r_score[:, 1:], score], 1))
+        recent += (kfE[:, -w:],) if unrotates else ()
     else:
         # All keys that may still be exact, in position order: sparse (positions < −w), window, new.
         kP, vP = torch.cat([sk, rk, k], 1), torch.cat([sv, rv, v], 1)  # (B, L, Hk, D)
+        kfP = torch.cat([skf[0], rkf[0], kf], 1) if unrotates else kP
         okP = torch.cat([s_ok, r_valid[..., None].expand(B, w, Hk), cur[..., None].expand(B, T, Hk)], 1)  # (B, L, Hk)
         scoreP = torch.cat([s_score, r_score, score], 1)
         posP = torch.arange(-sk.shape[1] - w, T, device=dev)  # (L,)
         f = eviction_times(scoreP, posP, okP, w, M)  # (B, L, Hk)
-        parts = _exact_and_overlap(layer, q, phi_q, kP, vP, fm.phi_k(kP), posP, f, okP)
+        parts = _exact_and_overlap(layer, q, phi_q, kP, vP, fm.phi_k(kfP), posP, f, okP)
         kept = okP & (posP[None, :, None] <= T - 1 - w) & (f > T - 1)  # (B, L, Hk): at most M per row and head
         idx = _first(kept, min(M, kept.shape[1]))
         kept_g = torch.gather(kept, 1, idx)
         sparse = (_gather(kP, idx), _gather(vP, idx), torch.gather(scoreP, 1, idx).masked_fill(~kept_g, float("-inf")), kept_g)
-        sparse = tuple(torch.cat(pair, 1) for pair in zip(sparse, _empty_slots(k, v, M - idx.shape[1])))  # M slots
+        sparse += (_gather(kfP, idx),) if unrotates else ()
+        sparse = tuple(torch.cat(pair, 1) for pair in zip(sparse, _empty_slots(k, v, M - idx.shape[1], unrotates)))  # M slots
         recent = (kP[:, -w:], vP[:, -w:], torch.cat([r_valid, cur], 1)[:, -w:], scoreP[:, -w:])
+        recent += (kfP[:, -w:],) if unrotates else ()
     num, den, m, ov_num, ov_den = parts
     lin_num, lin_den = o_all[..., :-1] - ov_num, (o_all[..., -1] - ov_den).clamp(min=0)
     y = mix_exact_linear(num, den, m, lin_num, lin_den, layer.log_mix, layer.eps)

@@ -144,7 +144,7 @@ def test_collect_qk_matches_the_teacher_forward():
         model(ids, distill_mode="teacher", use_cache=False)
     for h in handles:
         h.remove()
-    for i, q, k in collect_qk(model, ids, [0, 1], batch=1):
+    for i, q, k, _ in collect_qk(model, ids, [0, 1], batch=1):
         assert torch.allclose(q, captured[i][0], atol=1e-5) and torch.allclose(k, captured[i][1], atol=1e-5)
 
 

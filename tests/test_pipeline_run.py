@@ -189,9 +189,9 @@ def test_nan_is_reported_in_the_report(assets, tmp_path, monkeypatch):
     real = transfer_mod.student_output
     calls = {"n": 0}
 
-    def poisoned(attn, q, k, v):
+    def poisoned(attn, q, k, v, rope=None):
         calls["n"] += 1
-        out = real(attn, q, k, v)
+        out = real(attn, q, k, v, rope)
         return out * float("nan") if calls["n"] == 3 else out
 
     monkeypatch.setattr(transfer_mod, "student_output", poisoned)

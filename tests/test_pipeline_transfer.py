@@ -78,9 +78,9 @@ def test_nan_loss_rolls_back_and_is_reported(monkeypatch):
     real = transfer_mod.student_output
     calls = {"n": 0}
 
-    def poisoned(attn, q, k, v):
+    def poisoned(attn, q, k, v, rope=None):
         calls["n"] += 1
-        out = real(attn, q, k, v)
+        out = real(attn, q, k, v, rope)
         return out * float("nan") if attn.layer_idx == 0 and calls["n"] == 4 else out  # call 1 is the MSE before training: step 2
 
     snapshot = {}
@@ -106,7 +106,7 @@ def test_repeated_nan_stops_the_layer_at_its_last_good_state(monkeypatch):
     model = _student(feature_map="hedgehog")
     real = transfer_mod.student_output
     monkeypatch.setattr(
-        transfer_mod, "student_output", lambda attn, q, k, v: real(attn, q, k, v) * (float("inf") if attn.layer_idx == 1 else 1.0)
+        transfer_mod, "student_output", lambda attn, q, k, v, rope=None: real(attn, q, k, v, rope) * (float("inf") if attn.layer_idx == 1 else 1.0)
     )
     start = {n: p.detach().clone() for n, p in new_parameters(model.model.layers[1].self_attn).items()}
     results = run_transfer(model, DATA, TransferConfig(steps=8), _ctx())
@@ -239,10 +239,10 @@ def test_position_shift_trains_on_moved_positions_with_unmoved_targets(monkeypat
 
     seen, real = [], transfer_mod.student_output
 
-    def record(layer, q, k, v):
+    def record(layer, q, k, v, rope=None):
         if torch.is_grad_enabled() and layer.layer_idx == 0:
             seen.append(q.detach().clone())
-        return real(layer, q, k, v)
+        return real(layer, q, k, v, rope)
 
     monkeypatch.setattr(transfer_mod, "student_output", record)
     run_transfer(model, DATA, TransferConfig(steps=6, batch_size=1, position_shift=40), _ctx())

@@ -1,7 +1,8 @@
 """Stage 1, fit: initialise each feature map from the teacher's own scores, without gradients.
 
 For each converted layer, the teacher runs on a few calibration sequences and we keep its
-post-RoPE q [B,T,H,D] and k [B,T,Hk,D]. For sampled queries t and every key s, with scores
+post-RoPE q [B,T,H,D] and k [B,T,Hk,D] (the teacher's scores), and the q and k that the feature
+maps read (the same, or, with ``linear_rope: false``, before RoPE). For sampled queries t and every key s, with scores
 s_ts = q_t·k_s/√d, softmax weights a_ts and log-normaliser ℓ_t = log Σ_s e^{s_ts}, the student's
 kernel κ_ts = φ(q_t)·φ(k_s) should satisfy
 
@@ -54,8 +55,8 @@ log = logging.getLogger(__name__)
 class Pairs:
     """Teacher statistics of one layer on the fit sequences (shapes use n sampled queries)."""
 
-    q: torch.Tensor  # (B, T, H, D)
-    k: torch.Tensor  # (B, T, Hk, D)
+    q: torch.Tensor  # (B, T, H, D) as the feature maps read it
+    k: torch.Tensor  # (B, T, Hk, D) as the feature maps read it
     idx: torch.Tensor  # (n,)
     scores: torch.Tensor  # (B, H, n, T), −inf where masked
     lse: torch.Tensor  # (B, H, n)
@@ -63,7 +64,9 @@ class Pairs:
     weight: torch.Tensor  # (B, H, n, T) ω on the linear part's keys, 0 elsewhere
 
 
-def make_pairs(layer: LinearAttention, q: torch.Tensor, k: torch.Tensor, cfg: FitConfig) -> Pairs:
+def make_pairs(layer: LinearAttention, q: torch.Tensor, k: torch.Tensor, cfg: FitConfig, features=None) -> Pairs:
+    """Pairs from the teacher's (rotated) q, k; ``features``: (q, k) as the feature maps read them
+    (default q, k)."""
     T = q.shape[1]
     idx = query_index(T, cfg.queries, start=layer.window, device=q.device)
     scores = teacher_scores(layer, q, k, idx)
@@ -72,7 +75,7 @@ def make_pairs(layer: LinearAttention, q: torch.Tensor, k: torch.Tensor, cfg: Fi
     linear = linear_keys(layer, idx, T) & torch.isfinite(scores)
     n_keys = torch.isfinite(scores).sum(-1, keepdim=True).clamp(min=1)
     weight = (attn + cfg.uniform_weight / n_keys) * linear
-    return Pairs(q, k, idx, scores, lse, attn, weight)
+    return Pairs(*(features or (q, k)), idx, scores, lse, attn, weight)
 
 
 def scale_and_error(kappa: torch.Tensor, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +349,8 @@ def set_mix(layer: LinearAttention, pairs: Pairs) -> None:
 
 @torch.no_grad()
 def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int):
-    """Yield (layer index, q [B,T,H,D], k [B,T,Hk,D]) from the teacher, one layer at a time."""
+    """Yield (layer index, q [B,T,H,D], k [B,T,Hk,D], (q, k) as the feature maps read them) from
+    the teacher, one layer at a time."""
     wanted = set(layers)
     if not wanted:  # every layer kept as softmax: nothing to fit
         return
@@ -356,8 +360,11 @@ def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int):
             break
         if i in wanted:
             x = attention_input(model, i, hidden)
-            q, k, _ = decoder_layer.self_attn.project(x, position_embeddings(model, x))
-            yield i, q.float(), k.float()
+            attn, rope = decoder_layer.self_attn, position_embeddings(model, x)
+            q, k, _ = attn.project(x, rope)
+            qf, kf = attn.feature_inputs(q, k, rope)
+            q, k = q.float(), k.float()
+            yield i, q, k, ((qf.float(), kf.float()) if attn.unrotates else (q, k))
         hidden = run_layer(model, i, hidden, "teacher", batch)
 
 
@@ -413,9 +420,9 @@ def run_fit(model, data, cfg: FitConfig, ctx: StageContext) -> list[FitLayer]:
     bar = ctx.progress(total=len(mine), desc="fit", unit="layer")
     fitter = None
     try:
-        for i, q, k in collect_qk(model, ids, mine, batch=max(1, len(ids))):
+        for i, q, k, features in collect_qk(model, ids, mine, batch=max(1, len(ids))):
             layer = decoder_layers(model)[i].self_attn
-            pairs = make_pairs(layer, q, k, cfg)
+            pairs = make_pairs(layer, q, k, cfg, features)
             before = measure(layer, pairs)
             fitter = find_fitter(layer.rnn.feature_map)
             if fitter is not None:

@@ -85,18 +85,19 @@ def sharded_targets(model, attn: LinearAttention, hidden, rope, batch: int, comm
     return tuple(comm.cat_shards(t, len(hidden)) for t in part)
 
 
-def student_output(attn: LinearAttention, q, k, v) -> torch.Tensor:
-    """The replacement layer's output o_proj(y) [B,T,hidden] from precomputed q, k, v."""
-    y = attn.student_attention(q, k, v)  # (B, T, H, D) fp32
+def student_output(attn: LinearAttention, q, k, v, rope=None) -> torch.Tensor:
+    """The replacement layer's output o_proj(y) [B,T,hidden] from precomputed q, k, v (at the
+    positions whose RoPE is ``rope``)."""
+    y = attn.student_attention(q, k, v, position_embeddings=rope)  # (B, T, H, D) fp32
     return attn.o_proj(y.to(q.dtype).reshape(*y.shape[:2], -1))
 
 
 @torch.no_grad()
-def relative_mse(attn: LinearAttention, q, k, v, target, batch: int) -> tuple[float, float]:
+def relative_mse(attn: LinearAttention, q, k, v, target, batch: int, rope=None) -> tuple[float, float]:
     """(MSE, MSE / mean(target²)) of the layer's output against the teacher's, over all rows."""
     err = power = 0.0
     for i in range(0, len(q), batch):
-        out = student_output(attn, q[i : i + batch], k[i : i + batch], v[i : i + batch]).float()
+        out = student_output(attn, q[i : i + batch], k[i : i + batch], v[i : i + batch], rope).float()
         t = target[i : i + batch].float()
         err += float(((out - t) ** 2).sum())
         power += float((t**2).sum())
@@ -104,25 +105,27 @@ def relative_mse(attn: LinearAttention, q, k, v, target, batch: int) -> tuple[fl
     return err / count, err / max(power, 1e-30)
 
 
-def evicted_loss(attn: LinearAttention, q, k, v, comm: Comm | None = None) -> torch.Tensor:
+def evicted_loss(attn: LinearAttention, q, k, v, comm: Comm | None = None, rope=None) -> torch.Tensor:
     """Relative MSE of the linear part's own readout of the evicted keys against the teacher's
     attention over those keys (see :meth:`LinearAttention.evicted_readout`), normalised by the
     target's power over the whole global batch (every rank's rows)."""
     with torch.no_grad():
         target = attn.teacher_evicted_attention(q, k, v).float()  # (B, T−w, H, D)
-    out = attn.evicted_readout(q, k, v)
+    out = attn.evicted_readout(*attn.feature_inputs(q, k, rope), v)
     (power,) = (comm or Comm()).sum(float(target.pow(2).sum()))
     return (out - target).pow(2).sum() / max(power, 1e-30)
 
 
 def train_layer(
-    attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None, comm: Comm | None = None, reproject=None
+    attn: LinearAttention, q, k, v, target, cfg: TransferConfig, seed: int, check, bar=None, comm: Comm | None = None, reproject=None,
+    rope=None,
 ) -> dict:
     """Adam on the layer's new parameters; ``check()`` is the held-out loss that decides whether the
     final parameters are kept (see :meth:`GuardedSteps.finish`). With ``comm`` the ranks hold the
-    same pool and each computes its share ``rank::world`` of every batch. With ``cfg.position_shift``,
-    ``reproject(rows, offset)`` gives q, k, v of those rows at RoPE positions moved by ``offset``
-    (the targets do not move). Returns {curve, events}."""
+    same pool and each computes its share ``rank::world`` of every batch. ``rope``: the RoPE of the
+    pool's positions. With ``cfg.position_shift``, ``reproject(rows, offset)`` gives q, k, v of those
+    rows at RoPE positions moved by ``offset``, and that RoPE (the targets do not move). Returns
+    {curve, events}."""
     comm = comm or Comm()
     params = new_parameters(attn)
     if not params or not cfg.steps:
@@ -150,7 +153,7 @@ def train_layer(
             offset = int(torch.randint(cfg.position_shift + 1, (1,), generator=generator))
             qkv = lambda mine: reproject(mine, offset)  # noqa: E731
         else:
-            qkv = lambda mine: (q[mine], k[mine], v[mine])  # noqa: E731
+            qkv = lambda mine: (q[mine], k[mine], v[mine], rope)  # noqa: E731
         value = steps.step(batch_loss(attn, qkv, target, rows, cfg, idx, power, evicted, comm), step)
         if value is None:
             if steps.exhausted:
@@ -172,15 +175,16 @@ def batch_loss(attn, qkv, target, rows, cfg: TransferConfig, idx, power: float, 
     if not len(mine):  # more ranks than rows: a zero share that still has a graph
         return sum(p.sum() * 0.0 for p in new_parameters(attn).values())
     share = len(mine) / len(rows)
-    qb, kb, vb = qkv(mine)
-    out = student_output(attn, qb, kb, vb)
+    qb, kb, vb, rope = qkv(mine)
+    out = student_output(attn, qb, kb, vb, rope)
     loss = share * (out.float() - target[mine].float()).pow(2).mean() / power
     if cfg.xent_weight:
         with torch.no_grad():
             scores = teacher_scores(attn, qb, kb, idx)
-        loss = loss + share * cfg.xent_weight * attention_xent(scores, student_weights(attn, qb, kb, idx, scores))
+        weights = student_weights(attn, *attn.feature_inputs(qb, kb, rope), idx, scores)
+        loss = loss + share * cfg.xent_weight * attention_xent(scores, weights)
     if evicted:
-        loss = loss + cfg.evicted_weight * evicted_loss(attn, qb, kb, vb, comm)
+        loss = loss + cfg.evicted_weight * evicted_loss(attn, qb, kb, vb, comm, rope)
     return loss
 
 
@@ -308,19 +312,19 @@ def transfer_layer(
     comm = comm or Comm()
     q, k, v, target = sharded_targets(model, attn, hidden, rope, batch, comm)
     vq, vk, vv, vtarget = sharded_targets(model, attn, val, rope, batch, comm)
-    before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch)
+    before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch, rope)
     reproject = None
     if cfg.position_shift:
         x = comm.cat_shards(attention_input(model, i, hidden[comm.shard(len(hidden))]), len(hidden))  # (N, T, hidden)
 
         def reproject(rows, offset):
-            return attn.project(x[rows], position_embeddings(model, x[:1], offset))
+            moved = position_embeddings(model, x[:1], offset)
+            return (*attn.project(x[rows], moved), moved)
 
     with torch.enable_grad():
-        trained = train_layer(
-            attn, q, k, v, target, cfg, seed * 1_000_003 + i, lambda: relative_mse(attn, vq, vk, vv, vtarget, batch)[1], bar, comm, reproject
-        )
-    after_abs, after = relative_mse(attn, vq, vk, vv, vtarget, batch)
+        check = lambda: relative_mse(attn, vq, vk, vv, vtarget, batch, rope)[1]  # noqa: E731
+        trained = train_layer(attn, q, k, v, target, cfg, seed * 1_000_003 + i, check, bar, comm, reproject, rope)
+    after_abs, after = relative_mse(attn, vq, vk, vv, vtarget, batch, rope)
     return TransferLayer(
         layer=i,
         transfer_mse_before=before,
