@@ -19,6 +19,8 @@ class RecurrentLayer(CacheLayerMixin):
     also their recall scores [B, w, Hk]).
     sparse: with ``sparse_cache: M``, the old keys kept exact per kv head (keys, values [B, M, Hk, D],
     scores, valid [B, M, Hk]); see :mod:`distill.sparse_cache`.
+    With ``linear_rope: false``, recent and sparse end with their keys before RoPE (what the
+    feature maps read) [B, w|M, Hk, D].
     """
 
     is_compileable = False

@@ -41,9 +41,9 @@ class ConvertConfig:
         and no decay. Training-free: conversion trains without it and switches it on at the end.
     linear_rope: whether the feature maps read q and k after RoPE (true, as LoLCATs does) or
         before it (false): the linear part then sees no positions, so the student depends on
-        relative positions only, as its teacher does, and reads tokens past its training length
-        as it reads those within (the window and sparse cache stay exact under RoPE). The cache
-        then also keeps its window and sparse keys as the feature maps read them.
+        relative positions only, as its teacher does, past its training length too (the window
+        and sparse cache stay exact under RoPE). The cache then also keeps its window and sparse
+        keys as the feature maps read them.
     eps: added to the normaliser.
     """
 
