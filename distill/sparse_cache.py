@@ -158,8 +158,6 @@ def sparse_hybrid(layer, q, k, v, valid, layer_cache, state, recurrent: bool, qf
         rkf = [torch.zeros_like(rk)] if unrotates else []
         r_valid = torch.zeros(B, w, dtype=torch.bool, device=dev)
         r_score = q.new_full((B, w, Hk), float("-inf"), dtype=torch.float32)
-    if not unrotates:  # the feature maps read the cached keys themselves
-        skf, rkf = [sk], [rk]
     v1 = values_with_ones(v, valid)  # (B, T, Hk, D+1), zero on padding
     score = recall_scores(fm, kf, v1, state, recurrent, layer.eps).masked_fill(~cur[:, :, None], float("-inf"))
     o_all, state = layer.rnn.scan(qf, kf, v, valid, state, recurrent)  # (B, T, H, D+1): every key up to t
