@@ -222,6 +222,27 @@ def test_bad_long_text_is_one_line_and_writes_nothing(folders, tmp_path, capsys,
     assert not list(tmp_path.glob("r*"))
 
 
+@pytest.mark.parametrize("positions", [600, 1021])
+def test_prompts_at_the_maximum_leave_the_answer_room(positions):
+    """A length equal to the model's positions gives prompts that fit with their answer; built without
+    that limit, the closest prompt to the length itself leaves no room."""
+    tok = tiny_tokenizer()
+    options = PasskeyOptions(lengths=(positions,), trials=2)
+    docs = passkey.build_docs(tok, options, positions)
+    assert all(positions - 2 * passkey.MAX_GEN_TOKS <= d["n_tokens"] <= positions - passkey.MAX_GEN_TOKS for d in docs)
+    assert all(d["n_tokens"] == count(tok, d["prompt"]) and d["length"] == positions for d in docs)
+    free = [passkey.build_prompt(tok, positions, d["depth"], d["key"]) for d in docs]
+    assert all(d["n_tokens"] > positions - passkey.MAX_GEN_TOKS for d in free)
+
+
+def test_passkey_at_the_models_maximum_runs(folders, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code, err = _cli([str(folders / "student"), "--tasks", "passkey", "--passkey-lengths", str(POSITIONS),
+                      "--passkey-depths", "0.5", "--passkey-trials", "1", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads(out.read_text())["long_context"]["passkey"]["lengths"] == [POSITIONS]
+
+
 def test_passkey_length_above_positions_exits_2(folders, tmp_path, capsys):
     out = tmp_path / "r.json"
     code, err = _cli([str(folders / "student"), "--tasks", "passkey", "--passkey-lengths", "512,4096", "--out", str(out)],

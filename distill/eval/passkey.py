@@ -37,7 +37,10 @@ INTRO = "A pass key is hidden in the text below. Find it and remember it; you wi
 # The filler sentences of the original passkey test (Landmark Attention, Mohtashami & Jaggi, 2023).
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\nWhat is the pass key? The pass key is"
+# "Answer with the number." keeps the depth-1 prompt from reading as a pattern to copy: with the
+# needle's last clause ("71432 is the pass key.") just before it, "The pass key is" alone was
+# completed as "the pass key." by the demo teacher in half of its prompts at 1k and all at 2k.
+QUESTION = "\nWhat is the pass key? Answer with the number. The pass key is"
 
 CELL = re.compile(r"^acc_(\d+)_d([0-9.]+)$")  # per (length, depth) metric names, see cell_metric
 
@@ -138,11 +141,14 @@ class _Filler:
         return cls(words[:count], ends[:count])
 
 
-def build_prompt(tokenizer, length: int, depth: float, key: str, offset: int = 0, tolerance: int = 3) -> dict[str, Any]:
+def build_prompt(tokenizer, length: int, depth: float, key: str, offset: int = 0, tolerance: int = 3,
+                 limit: int | None = None) -> dict[str, Any]:
     """One passkey prompt of ``length`` tokens (within a few) with ``key`` at relative ``depth``.
 
     The filler is cut word by word to the closest length; when ending it on a whole sentence
-    instead costs at most ``tolerance`` tokens, it ends on the sentence (SmolLM2: always).
+    instead costs at most ``tolerance`` tokens, it ends on the sentence (SmolLM2: always). With
+    ``limit``, the prompt has at most that many tokens (:func:`build_docs` leaves the answer room
+    within the model's positions).
 
     Returns the lm-eval doc: ``prompt``, ``key``, ``length`` and ``depth`` as asked, ``n_tokens``
     (measured), ``needle_token`` (index of the needle's first token) and ``needle_depth`` (filler
@@ -153,7 +159,7 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, offset: int = 0
 
     needle = " " + NEEDLE.format(key=key)
     fixed = count(INTRO + needle + QUESTION)
-    if fixed >= length:
+    if fixed >= min(length, limit or length):
         raise DistillError(f"passkey length {length} is too short: the question and the key alone take {fixed} tokens")
     filler = _Filler.cycle(offset, length)  # every word is at least one token, so this is enough
     cost = {w: max(count(" " + w), 1) for w in set(filler.words)}
@@ -195,25 +201,31 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, offset: int = 0
         if (doc["n_tokens"] - length) * step >= 0:  # crossed the target
             break
     # whole sentences read better than a cut one: take the nearest sentence end if it is close enough
-    if best_n == 0 or filler.ends[best_n - 1]:
-        return best
-    ends = [i + 1 for i, end in enumerate(filler.ends) if end]
-    below = max((i for i in ends if i <= best_n), default=None)
-    above = min((i for i in ends if i > best_n), default=None)
-    whole = [assemble(i) for i in (below, above) if i is not None]
-    whole = [d for d in whole if abs(d["n_tokens"] - length) <= tolerance]
-    return min(whole, key=lambda d: abs(d["n_tokens"] - length)) if whole else best
+    if best_n and not filler.ends[best_n - 1]:
+        ends = [i + 1 for i, end in enumerate(filler.ends) if end]
+        below = max((i for i in ends if i <= best_n), default=None)
+        above = min((i for i in ends if i > best_n), default=None)
+        whole = [(assemble(i), i) for i in (below, above) if i is not None]
+        whole = [(d, i) for d, i in whole if abs(d["n_tokens"] - length) <= tolerance and d["n_tokens"] <= (limit or d["n_tokens"])]
+        if whole:
+            best, best_n = min(whole, key=lambda di: abs(di[0]["n_tokens"] - length))
+    while limit and best["n_tokens"] > limit and best_n:  # a word less until it fits
+        best_n -= 1
+        best = assemble(best_n)
+    return best
 
 
 def build_docs(tokenizer, options: PasskeyOptions, max_positions: int | None) -> list[dict[str, Any]]:
-    """Every prompt of the task, length-major, then depth, then trial; seeded per cell."""
+    """Every prompt of the task, length-major, then depth, then trial; seeded per cell. Prompts
+    leave :data:`MAX_GEN_TOKS` positions for the answer below ``max_positions``."""
+    limit = max_positions - MAX_GEN_TOKS if max_positions else None
     docs = []
     for length in resolve_lengths(options, max_positions):
         for depth in options.depths:
             for trial in range(options.trials):
                 rng = random.Random(f"passkey/{options.seed}/{length}/{depth:g}/{trial}")
                 key = str(rng.randrange(10_000, 100_000))
-                doc = build_prompt(tokenizer, length, depth, key, offset=rng.randrange(len(FILLER)))
+                doc = build_prompt(tokenizer, length, depth, key, offset=rng.randrange(len(FILLER)), limit=limit)
                 docs.append(doc | {"trial": trial})
     return docs
 
