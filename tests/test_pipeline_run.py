@@ -165,6 +165,31 @@ def test_corrupt_checkpoint_restarts_from_the_last_good_step(assets, reference, 
     _same_model(out, reference[0])
 
 
+def test_a_run_from_before_a_setting_existed_resumes(assets, reference, tmp_path):
+    """A manifest written before ``model.linear_rope`` and ``transfer.position_shift`` existed
+    (their keys absent) resumes as a run with their defaults; a setting that differs, or one this
+    version does not know, is still refused by name."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    manifest = out / "state" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    del data["config"]["model"]["linear_rope"], data["config"]["transfer"]["position_shift"]
+    entries = list(data["entries"])
+    data["entries"] = {k: data["entries"][k] for k in entries[: entries.index("transfer/layer_001")]}
+    manifest.write_text(json.dumps(data))
+    report = run_convert(assets["model"], out, _cfg(assets), resume=True)
+    _same_model(out, reference[0])
+    assert report["student_ppl"] == reference[1]["student_ppl"]
+    with pytest.raises(DistillError, match=r"different settings \(config.transfer.position_shift\)"):
+        run_convert(assets["model"], out, _cfg(assets, "transfer.position_shift=8"), resume=True)
+    data["config"]["model"]["retired_knob"] = 1
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(DistillError, match=r"different settings \(config.model.retired_knob\)"):
+        run_convert(assets["model"], out, _cfg(assets), resume=True)
+
+
 def test_run_folder_rules(assets, reference, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

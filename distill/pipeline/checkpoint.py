@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -145,9 +145,13 @@ def is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def check_run_dir(out: Path, header: dict[str, Any], resume: bool, overwrite: bool) -> str:
+def check_run_dir(
+    out: Path, header: dict[str, Any], resume: bool, overwrite: bool, upgrade: Callable[[dict], dict] | None = None
+) -> str:
     """Validate ``--out`` and the flags without touching anything; returns what
-    :func:`open_run_dir` will do: ``resume``, ``overwrite`` or ``create``."""
+    :func:`open_run_dir` will do: ``resume``, ``overwrite`` or ``create``. ``upgrade`` maps the
+    header of the run in ``out`` to today's form before it is compared with ``header`` (a run
+    written before a setting existed ran with that setting's default)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DistillError(f"--out {out} is a file; give a folder")
@@ -161,17 +165,19 @@ def check_run_dir(out: Path, header: dict[str, Any], resume: bool, overwrite: bo
         old = RunStore(out).open()
         if not old:
             return "overwrite"  # no readable manifest: nothing to resume
-        _check_same_run(old, header, out)
+        _check_same_run(upgrade(old) if upgrade else old, header, out)
         return "resume"
     if overwrite:
         return "overwrite"
     raise DistillError(f"--out {out} is not empty; pass --resume to continue the run there, or --overwrite to replace it")
 
 
-def open_run_dir(out: Path, header: dict[str, Any], resume: bool, overwrite: bool) -> RunStore:
+def open_run_dir(
+    out: Path, header: dict[str, Any], resume: bool, overwrite: bool, upgrade: Callable[[dict], dict] | None = None
+) -> RunStore:
     """Create, resume or overwrite the run folder ``out`` (see :func:`check_run_dir`)."""
     out = Path(out)
-    action = check_run_dir(out, header, resume, overwrite)
+    action = check_run_dir(out, header, resume, overwrite, upgrade)
     store = RunStore(out)
     if action == "resume":
         store.open()

@@ -170,6 +170,25 @@ def run_header(spec: str, cfg: RunConfig) -> dict[str, Any]:
     return {"model": spec, "config": config}
 
 
+def upgrade_header(old: dict[str, Any]) -> dict[str, Any]:
+    """The header of a run written by an earlier distill, with the settings added since at their
+    defaults (a new setting defaults to the behaviour from before it existed). A setting that no
+    longer exists stays, for the comparison to name."""
+
+    def fill(have: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(have)
+        for key, value in defaults.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(out[key], dict):
+                out[key] = fill(out[key], value)
+        return out
+
+    defaults = RunConfig().to_dict()
+    defaults.pop("dist_timeout")
+    return {**old, "config": fill(old.get("config") or {}, defaults)}
+
+
 def check_same_ranks(comm: Comm, launch: dict[str, Any]) -> None:
     """Refuse, on every rank and before any work, ranks started with different commands."""
     launches = comm.gather(launch)
@@ -195,7 +214,7 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     began = time.time()
     header = run_header(spec, cfg)
     check_same_ranks(comm, {**header, "out": str(out.resolve()), "resume": resume, "overwrite": overwrite})
-    check_run_dir(out, header, resume, overwrite)  # fail fast, before the slow model load
+    check_run_dir(out, header, resume, overwrite, upgrade_header)  # fail fast, before the slow model load
     comm.barrier()  # every rank has looked at DIR before rank 0 may create or replace it
     threads = set_threads((RunStore(out).open().get("threads") if resume else None) or cfg.threads)
 
@@ -209,7 +228,7 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
 
     # Only now is DIR created (or replaced): a bad MODEL leaves it as it was. Rank 0 writes it.
     if comm.main:
-        store = open_run_dir(out, header, resume, overwrite)
+        store = open_run_dir(out, header, resume, overwrite, upgrade_header)
         atomic_write_text(out / "run.yaml", f"# distill convert {spec} --out {out} --resume\n" + dump_run_config(cfg))
         store.set_header("threads", threads)  # a resumed run keeps it: float sums depend on it
     comm.barrier()
