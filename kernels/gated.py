@@ -15,7 +15,7 @@ float64, which the tests use for tight tolerances). Nothing is scaled here: the 
 A padding token (k = 0, log_alpha = 0) leaves the state as it was.
 
     naive_gla      the reference: one Python step per token, written for clarity
-    chunk_gla      training / prefill: Python loops over chunks only
+    chunk_gla      training / prefill: Python loops over chunks and sub-chunks, never tokens
     recurrent_gla  decode: token by token on the kv-head state
 """
 from __future__ import annotations
@@ -121,14 +121,15 @@ def chunk_gla(
     b_start = torch.cat([torch.zeros_like(b_end[:, :, :1]), b_end[:, :, :-1]], dim=2)  # (B, N, J, Hk, F) before it
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
 
-    # Queries against keys of earlier sub-chunks of the same chunk, factored at the query's sub-chunk start.
+    # Queries against keys of earlier sub-chunks of the same chunk, factored at the query's sub-chunk
+    # start; sub-chunk j reads the j·c keys before it (a loop over J sub-chunks, not a masked [J, C]).
     q_off = qc.view(B, N, J, c, Hk, G, F) * torch.exp(b_sub - b_start[:, :, :, None])[:, :, :, :, :, None]
-    pos = torch.arange(C, device=q.device)
-    earlier = pos[None, :] < (torch.arange(J, device=q.device) * c)[:, None]  # (J, C) key s precedes sub-chunk j
-    to_start = torch.where(earlier[None, None, :, :, None, None], b_start[:, :, :, None] - b[:, :, None], neg_inf)
-    k_off = torch.exp(to_start) * kc[:, :, None]  # (B, N, J, C, Hk, F); zero where s is not earlier
-    scores = torch.einsum("bnjtigf,bnjsif->bnjigts", q_off, k_off)  # (B, N, J, Hk, G, c, C)
-    o = torch.einsum("bnjigts,bnsid->bnjtigd", scores, vc)  # (B, N, J, c, Hk, G, Dv)
+    outs = [vc.new_zeros(B, N, c, Hk, G, Dv)]  # sub-chunk 0 has no earlier key
+    for j in range(1, J):
+        k_off = torch.exp(b_start[:, :, j, None] - b[:, :, : j * c]) * kc[:, :, : j * c]  # (B, N, j·c, Hk, F)
+        scores = torch.einsum("bntigf,bnsif->bnigts", q_off[:, :, j], k_off)  # (B, N, Hk, G, c, j·c)
+        outs.append(torch.einsum("bnigts,bnsid->bntigd", scores, vc[:, :, : j * c]))  # (B, N, c, Hk, G, Dv)
+    o = torch.stack(outs, dim=2)  # (B, N, J, c, Hk, G, Dv)
 
     # Queries against keys of their own sub-chunk: exp(b_t - b_s) per feature, masked before exp.
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # (c_t, c_s)
