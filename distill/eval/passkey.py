@@ -37,9 +37,9 @@ INTRO = "A pass key is hidden in the text below. Find it and remember it; you wi
 # The filler sentences of the original passkey test (Landmark Attention, Mohtashami & Jaggi, 2023).
 FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-# "Answer with the number." keeps the depth-1 prompt from reading as a pattern to copy: with the
-# needle's last clause ("71432 is the pass key.") just before it, "The pass key is" alone was
-# completed as "the pass key." by the demo teacher in half of its prompts at 1k and all at 2k.
+# "Answer with the number." keeps a late needle from reading as a pattern to copy: with its last
+# clause ("71432 is the pass key.") just before "The pass key is", the demo's student answered
+# "the pass key." and its teacher missed all 8 prompts at 2k, depths 0.75 and 1 (README).
 QUESTION = "\nWhat is the pass key? Answer with the number. The pass key is"
 
 CELL = re.compile(r"^acc_(\d+)_d([0-9.]+)$")  # per (length, depth) metric names, see cell_metric
@@ -206,7 +206,8 @@ def build_prompt(tokenizer, length: int, depth: float, key: str, offset: int = 0
         below = max((i for i in ends if i <= best_n), default=None)
         above = min((i for i in ends if i > best_n), default=None)
         whole = [(assemble(i), i) for i in (below, above) if i is not None]
-        whole = [(d, i) for d, i in whole if abs(d["n_tokens"] - length) <= tolerance and d["n_tokens"] <= (limit or d["n_tokens"])]
+        whole = [(d, i) for d, i in whole
+                 if abs(d["n_tokens"] - length) <= tolerance and (not limit or d["n_tokens"] <= limit)]
         if whole:
             best, best_n = min(whole, key=lambda di: abs(di[0]["n_tokens"] - length))
     while limit and best["n_tokens"] > limit and best_n:  # a word less until it fits
