@@ -246,19 +246,47 @@ def memory(ctx: Context) -> Result:
     )
 
 
-def _speed_row(s, quick: bool, label: str) -> dict:
-    """Cached generate must equal uncached (correctness first); then the decode step at position
-    8192, the prefill of 2048 tokens (512 if ``quick``) and the state, for a student ``s``."""
+_SPEED_NOTE = (
+    "Timed in turns (a warm-up round, then 5 rounds of a few decode steps and one prefill per student); "
+    "decode: median ms per token from position 8192 after a 128-token prefill; prefill: median of the 5 passes over {n} tokens"
+)
+
+
+def _speed_rows(students: dict, quick: bool, rounds: int = 5) -> list[dict]:
+    """Decode step at position 8192, prefill of 2048 tokens (512 if ``quick``) and state for each
+    student in ``students`` (label -> model), after checking cached generate = uncached for each.
+    The students are timed in turns, ``rounds`` times over (a few decode steps and one prefill each
+    per turn), and each figure is the median of its turns: a slow spell of the machine falls on
+    every student alike, so the ratios between them hold where figures taken one student after
+    another drift."""
     ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
-    if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):
-        raise AssertionError(f"{label}: cached generate differs from uncached")
+    for label, s in students.items():
+        if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):
+            raise AssertionError(f"{label}: cached generate differs from uncached")
     n = 512 if quick else 2048
     x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
-    cache = _student_cache(s, 8192)
-    step_ms = _decode_latency(s, cache, 8192, 6 if quick else 12) * 1e3
+    caches = {label: _student_cache(s, 8192) for label, s in students.items()}
+    decode = {label: [] for label in students}
+    prefill = {label: [] for label in students}
+    steps = 2 if quick else 3
     with torch.no_grad():
-        prefill_s = median_time(lambda: s(x, use_cache=True, logits_to_keep=1), repeats=3)
-    return {"decode_ms_per_token": step_ms, "prefill_tok_per_s": n / prefill_s, "state_MB": cache.nbytes() / 2**20}
+        for turn in range(rounds + 1):  # the first round is a warm-up
+            for label, s in students.items():
+                step = _decode_latency(s, caches[label], 8192 + turn * (steps + 1), steps)
+                start = time.perf_counter()
+                s(x, use_cache=True, logits_to_keep=1)
+                prefill_s = time.perf_counter() - start
+                if turn:
+                    decode[label].append(step)
+                    prefill[label].append(prefill_s)
+    return [
+        {
+            "decode_ms_per_token": statistics.median(decode[label]) * 1e3,
+            "prefill_tok_per_s": n / statistics.median(prefill[label]),
+            "state_MB": caches[label].nbytes() / 2**20,
+        }
+        for label in students
+    ]
 
 
 @case("recurrences")
@@ -268,11 +296,13 @@ def recurrences(ctx: Context) -> Result:
     from distill.recurrence import RECURRENCES
 
     t = teacher(ctx)
-    rows = []
-    for name in sorted(RECURRENCES, key=lambda r: (r != "linear", r)):
-        s = convert_model(copy.deepcopy(t), ConvertConfig(feature_map="hedgehog", window=64, recurrence=name)).eval()
-        rows.append({"recurrence": name, **_speed_row(s, ctx.quick, name)})
-        del s
+    names = sorted(RECURRENCES, key=lambda r: (r != "linear", r))
+    students = {
+        name: convert_model(copy.deepcopy(t), ConvertConfig(feature_map="hedgehog", window=64, recurrence=name)).eval()
+        for name in names
+    }
+    rows = [{"recurrence": name, **row} for name, row in zip(names, _speed_rows(students, ctx.quick))]
+    del students
     base = rows[0]
     for r in rows:
         r["decode/linear"] = r["decode_ms_per_token"] / base["decode_ms_per_token"]
@@ -281,8 +311,7 @@ def recurrences(ctx: Context) -> Result:
         rows,
         notes=[
             "Demo model, hedgehog + 64-token window, untrained gates (speed does not depend on the weights).",
-            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {512 if ctx.quick else 2048} "
-            f"tokens; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
+            f"{_SPEED_NOTE.format(n=512 if ctx.quick else 2048)}; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
         ],
     )
 
@@ -294,10 +323,12 @@ def sparse_cache(ctx: Context) -> Result:
     from distill.convert import set_sparse_cache
 
     s = convert_model(copy.deepcopy(teacher(ctx)), DEMO_STUDENT).eval()
-    rows = []
-    for keys in (0, 64, 256, 512, 768):
-        set_sparse_cache(s, keys)
-        rows.append({"sparse_cache": keys, **_speed_row(s, ctx.quick, f"sparse_cache={keys}")})
+    sizes = (0, 64, 256, 512, 768)
+    students = {}
+    for keys in sizes:
+        students[keys] = copy.deepcopy(s)
+        set_sparse_cache(students[keys], keys)
+    rows = [{"sparse_cache": keys, **row} for keys, row in zip(sizes, _speed_rows(students, ctx.quick))]
     for r in rows:
         r["decode/plain"] = r["decode_ms_per_token"] / rows[0]["decode_ms_per_token"]
         r["prefill_time/plain"] = rows[0]["prefill_tok_per_s"] / r["prefill_tok_per_s"]
@@ -305,7 +336,6 @@ def sparse_cache(ctx: Context) -> Result:
         rows,
         notes=[
             "Demo model, hedgehog + 64-token window; M keys per kv head kept exact (0 = the plain hybrid).",
-            f"Decode: median ms per token at position 8192 after a 128-token prefill; prefill: median of 3 passes over {512 if ctx.quick else 2048} "
-            f"tokens; torch threads {torch.get_num_threads()}. State: recurrent state, window and sparse cache.",
+            f"{_SPEED_NOTE.format(n=512 if ctx.quick else 2048)}; torch threads {torch.get_num_threads()}. State: recurrent state, window and sparse cache.",
         ],
     )

@@ -78,6 +78,7 @@ def test_outputs(reference):
     assert on_disk["student_ppl"] == report["student_ppl"]
     md = (out / "report.md").read_text()
     assert "held-out perplexity" in md and "| 1 |" in md
+    assert "Student: feature map `hedgehog`, recurrence `linear`, window" in md
     assert {"fit.png", "transfer.png", "curves.png", "ppl_curve.png"} <= {p.name for p in out.glob("*.png")}
     assert (out / "tokenizer.json").exists() and (out / "run.yaml").read_text().startswith("# distill convert")
 

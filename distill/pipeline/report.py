@@ -50,14 +50,18 @@ def _fmt(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _kwargs(kwargs: dict | None) -> str:
+    return f" {kwargs}" if kwargs else ""
+
+
 def markdown(report: dict) -> str:
     ratio = report.get("ppl_ratio")
     cfg = report["config"]["model"]
     lines = [
         "# distill convert report",
         "",
-        f"Teacher: `{report['model']}`. Student: feature map `{cfg['feature_map']}` {cfg['feature_map_kwargs'] or ''}, "
-        f"window {cfg['window']}, depth {cfg['depth']}, decay {cfg['decay']}.",
+        f"Teacher: `{report['model']}`. Student: feature map `{cfg['feature_map']}`{_kwargs(cfg['feature_map_kwargs'])}, "
+        f"recurrence `{cfg['recurrence']}`, window {cfg['window']}, depth {cfg['depth']}, decay {cfg['decay']}.",
         "",
         "| held-out perplexity | value |",
         "|---|---|",
