@@ -102,8 +102,9 @@ def _key_mass(pq, pk, valid, log_alpha, state, recurrent: bool):
     if log_alpha is None:
         op = ops.recurrent_linear_attn if recurrent else ops.chunk_linear_attn
         return op(pq, pk, ones, initial_state=state)
-    op = ops.recurrent_gla if recurrent else ops.chunk_gla
-    return op(pq, pk, ones, log_alpha[..., None].expand_as(pk).contiguous(), initial_state=state)
+    if recurrent:
+        return ops.recurrent_gla(pq, pk, ones, log_alpha[..., None].expand_as(pk).contiguous(), initial_state=state)
+    return ops.chunk_head_gla(pq, pk, ones, log_alpha, initial_state=state)
 
 
 class _PerHeadLowRank(nn.Module):

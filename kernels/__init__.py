@@ -13,12 +13,13 @@ here, and the backend's functions trust that check.
     recurrent_poly_attn(q_proj, k_proj, v, coeffs, log_decay=None, initial_state=None, inplace=False)
     chunk_gla(q, k, v, log_alpha, initial_state=None) -> (o, final_state)
     recurrent_gla(q, k, v, log_alpha, initial_state=None, inplace=False) -> (o, final_state)
+    chunk_head_gla(q, k, v, log_alpha, initial_state=None) -> (o, final_state)
     chunk_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None) -> (o, final_state)
     recurrent_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None, inplace=False) -> (o, final_state)
 
 Shapes: q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_decay [Hk], state [B,Hk,F,Dv] (fp32);
 q_proj [B,T,H,r], k_proj [B,T,Hk,r], coeffs [H,p+1] (state layout: :mod:`distill_kernels.poly`);
-GLA log_alpha [B,T,Hk,F]; delta rule beta [B,T,Hk], log_alpha [B,T,Hk] (rules: :mod:`.gated`, :mod:`.delta`).
+GLA log_alpha [B,T,Hk,F] (``chunk_head_gla``: [B,T,Hk]); delta rule beta [B,T,Hk], log_alpha [B,T,Hk] (rules: :mod:`.gated`, :mod:`.delta`).
 
 The gated and delta-rule recurrences run the torch path (:mod:`.gated`, :mod:`.delta`) on every
 backend that has no kernel for them (``Backend.chunk_gla`` ... left None): under ``auto`` that is
@@ -39,7 +40,7 @@ from .gated import naive_gla
 from .naive import naive_linear_attn
 from .poly import poly_feature_dim, poly_features
 from .recurrent import recurrent_linear_attn as torch_recurrent_linear_attn
-from .validate import check_delta_args, check_gla_args, check_scan_args
+from .validate import check_delta_args, check_gla_args, check_head_gla_args, check_scan_args
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Backend(NamedTuple):
     unit_stride: bool = False  # what the Triton kernels need (see ``check_scan_args``)
     chunk_gla: Callable | None = None
     recurrent_gla: Callable | None = None
+    chunk_head_gla: Callable | None = None
     chunk_delta_rule: Callable | None = None
     recurrent_delta_rule: Callable | None = None
 
@@ -67,6 +69,7 @@ class Backend(NamedTuple):
 _TORCH_RECURRENCES = dict(
     chunk_gla=gated.chunk_gla,
     recurrent_gla=gated.recurrent_gla,
+    chunk_head_gla=gated.chunk_head_gla,
     chunk_delta_rule=delta.chunk_delta_rule,
     recurrent_delta_rule=delta.recurrent_delta_rule,
 )
@@ -279,6 +282,16 @@ def recurrent_gla(q, k, v, log_alpha, initial_state=None, inplace: bool = False)
     return o, _write_back(initial_state, state, inplace)
 
 
+def chunk_head_gla(q, k, v, log_alpha, initial_state=None):
+    """:func:`chunk_gla` with one gate per kv head and token, shared by the key features:
+    log_alpha [B,T,Hk] (<= 0); the rest as :func:`chunk_gla` (decode: :func:`recurrent_gla` with
+    the gate expanded over F). Cheaper than expanding the gate for :func:`chunk_gla`: the decay
+    inside a chunk is one [C, C] matrix per kv head."""
+    backend = _backend_for(q, "q")
+    check_head_gla_args(q, k, v, log_alpha, initial_state)
+    return _recurrence(backend, "chunk_head_gla")(q, k, v, log_alpha, initial_state)
+
+
 def chunk_delta_rule(q, k, v, beta, log_alpha=None, initial_state=None):
     """Delta rule (DeltaNet, Yang et al. 2024) or, with ``log_alpha``, gated delta rule (Yang et al.
     2025), training and prefill: S_t = exp(log_alpha_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
@@ -304,6 +317,7 @@ __all__ = [
     "Backend",
     "chunk_delta_rule",
     "chunk_gla",
+    "chunk_head_gla",
     "chunk_linear_attn",
     "chunk_poly_attn",
     "get_backend",

@@ -17,6 +17,7 @@ A padding token (k = 0, log_alpha = 0) leaves the state as it was.
     naive_gla      the reference: one Python step per token, written for clarity
     chunk_gla      training / prefill: Python loops over chunks and sub-chunks, never tokens
     recurrent_gla  decode: token by token on the kv-head state
+    chunk_head_gla training / prefill with one gate per kv head and token (log_alpha [B,T,Hk])
 """
 from __future__ import annotations
 
@@ -152,3 +153,52 @@ def chunk_gla(
     q_in = qc * torch.exp(b)[:, :, :, :, None]  # (B, N, C, Hk, G, F) decayed from the chunk's start
     o = o + torch.einsum("bncigf,bnifd->bncigd", q_in, starts)
     return o.reshape(B, N * C, H, Dv)[:, :T], state
+
+
+def chunk_head_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLA with one gate per kv head and token, shared by all key features (fla's "simple GLA",
+    Mamba-2's scalar decay): :func:`naive_gla` with ``log_alpha [B,T,Hk]`` broadcast over F.
+    Chunked; with one gate per token the decay between a query t and a key s of one chunk is the
+    scalar exp(b_t - b_s) (b: the log-gate summed from the chunk's start), a [C, C] matrix per kv
+    head, so no sub-chunks are needed and every exponent is <= 0:
+
+        o     = diag(exp(b)) Q S + ((Q K^T) ⊙ D) V,   D[t, s] = exp(b_t - b_s) for s <= t, else 0
+        S_new = exp(b_last) S + (K ⊙ exp(b_last - b))^T V
+
+    q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_alpha [B,T,Hk] (<= 0), initial_state [B,Hk,F,Dv]
+    -> o [B,T,H,Dv], final state [B,Hk,F,Dv] (fp32; float64 for float64 q)."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    G, C = H // Hk, chunk_size
+    N = max(1, -(-T // C))
+    pad = N * C - T
+    dtype = _compute_dtype(q)
+    q, k, v = (F_.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g = F_.pad(log_alpha.to(dtype), (0, 0, 0, pad))  # (B, N*C, Hk); padding: gate 1
+    qh = q.view(B, N, C, Hk, G, F).permute(0, 1, 3, 4, 2, 5)  # (B, N, Hk, G, C, F)
+    kh = k.view(B, N, C, Hk, F).transpose(2, 3)  # (B, N, Hk, C, F)
+    vh = v.view(B, N, C, Hk, Dv).transpose(2, 3)  # (B, N, Hk, C, Dv)
+    b = g.view(B, N, C, Hk).transpose(2, 3).cumsum(-1)  # (B, N, Hk, C)
+
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp(torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")))  # (B, N, Hk, C, C)
+    attn = (qh @ kh[:, :, :, None].transpose(-1, -2)) * decay[:, :, :, None]  # (B, N, Hk, G, C, C)
+    q_in = qh * torch.exp(b)[:, :, :, None, :, None]  # (B, N, Hk, G, C, F)
+    k_out = kh * torch.exp(b[..., -1:] - b)[..., None]  # (B, N, Hk, C, F)
+    chunk_decay = torch.exp(b[..., -1])  # (B, N, Hk)
+
+    state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
+    starts = []  # the state entering each chunk
+    for n in range(N):
+        starts.append(state)
+        state = chunk_decay[:, n, :, None, None] * state + k_out[:, n].transpose(-1, -2) @ vh[:, n]
+    starts = torch.stack(starts, dim=1)[:, :, :, None]  # (B, N, Hk, 1, F, Dv)
+    o = q_in @ starts + attn @ vh[:, :, :, None]  # (B, N, Hk, G, C, Dv)
+    return o.permute(0, 1, 4, 2, 3, 5).reshape(B, N * C, H, Dv)[:, :T], state

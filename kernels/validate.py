@@ -108,6 +108,25 @@ def check_gla_args(
     return B, T, H, Hk, F, Dv
 
 
+def check_head_gla_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    *,
+    unit_stride: bool = False,
+) -> tuple[int, int, int, int, int, int]:
+    """:func:`check_gla_args` with log_alpha [B, T, Hk]: one log-gate per kv head and token, shared
+    by the key features. Returns (B, T, H, Hk, F, Dv)."""
+    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, None, initial_state, unit_stride=unit_stride)
+    if log_alpha is None:
+        raise ValueError(f"log_alpha must be [B, T, Hk] = [{B}, {T}, {Hk}], got None")
+    _check_gate("log_alpha", log_alpha, (B, T, Hk), f"[B, T, Hk] = [{B}, {T}, {Hk}] (one log-gate per kv head and token)",
+                q.device)
+    return B, T, H, Hk, F, Dv
+
+
 def check_delta_args(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -3,7 +3,8 @@
 The chunked and the recurrent torch forms are compared with the per-step references
 (``naive_gla``, ``naive_delta_rule``) in float64: the output, the final state and the gradient of
 every input (q, k, v, log_alpha, beta, initial_state) under fixed random cotangents, at odd sizes,
-GQA and not, with and without an initial state, gates near 1 and small gates. Then: fp32 stays
+GQA and not, with and without an initial state, gates near 1 and small gates; ``chunk_head_gla``
+(one gate per kv head) against ``naive_gla`` with that gate on every feature. Then: fp32 stays
 finite and accurate with small gates over whole chunks, padding tokens leave the state alone, the
 delta rule with beta = 1 and orthonormal keys stores and retrieves values exactly, decoding from a
 chunked prefill's state equals one chunked pass, and the entry points reject bad arguments.
@@ -130,6 +131,45 @@ def test_gla_chunk_sizes():
         assert_match(run_with_grads(fn, args), want, TOL64, names)
     with pytest.raises(ValueError, match="chunk_size must be a multiple of sub_chunk"):
         gated.chunk_gla(*args, chunk_size=24, sub_chunk=16)
+
+
+def _head_gated(args):
+    """gla_inputs with one gate per kv head and token: log_alpha [B,T,Hk] (its first feature's)."""
+    q, k, v, la, s0 = args
+    return [q, k, v, la.detach()[..., 0].clone().requires_grad_(), s0]
+
+
+def _naive_with_the_gate_on_every_feature(q, k, v, log_alpha, s0):
+    return gated.naive_gla(q, k, v, log_alpha[..., None].expand_as(k), s0)
+
+
+@pytest.mark.parametrize("B,T,H,Hk,F,Dv,gates,h0", GLA_CASES)
+def test_head_gla_chunk_matches_naive_gla_with_the_gate_on_every_feature(B, T, H, Hk, F, Dv, gates, h0):
+    """chunk_head_gla against naive_gla with the head's gate copied to every feature: output,
+    state and every gradient (the gate's is the sum over the features the reference sees)."""
+    args = _head_gated(gla_inputs(B, T, H, Hk, F, Dv, gates, h0))
+    want = run_with_grads(_naive_with_the_gate_on_every_feature, args)
+    names = grad_names(args, GLA_NAMES)
+    assert_match(run_with_grads(gated.chunk_head_gla, args), want, TOL64, names)
+    for chunk_size in (8, 16):
+        fn = lambda *a: gated.chunk_head_gla(*a, chunk_size=chunk_size)  # noqa: E731
+        assert_match(run_with_grads(fn, args), want, TOL64, names)
+
+
+def test_head_gla_fp32_with_small_gates_over_whole_chunks():
+    args = _head_gated(gla_inputs(1, 130, 4, 2, 16, 8, "small", True, dtype=torch.float32, seed=5))
+    with torch.no_grad():
+        args[3][:, 10:100] = -5.0
+    want = run_with_grads(_naive_with_the_gate_on_every_feature, [x.detach().double().requires_grad_() for x in args])
+    got = run_with_grads(ops.chunk_head_gla, args)
+    assert all(torch.isfinite(x).all() for x in got)
+    assert_match(got, want, 2e-5, grad_names(args, GLA_NAMES))
+
+
+def test_head_gla_refuses_a_gate_per_feature():
+    q, k, v, la, s0 = (x.detach() for x in gla_inputs(1, 4, 2, 1, 3, 2))
+    with pytest.raises(ValueError, match=r"log_alpha must be \[B, T, Hk\] = \[1, 4, 1\]"):
+        ops.chunk_head_gla(q, k, v, la, s0)
 
 
 @pytest.mark.parametrize("B,T,H,Hk,F,Dv,gates,h0", DELTA_CASES)
