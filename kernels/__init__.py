@@ -40,7 +40,7 @@ from .gated import naive_gla
 from .naive import naive_linear_attn
 from .poly import poly_feature_dim, poly_features
 from .recurrent import recurrent_linear_attn as torch_recurrent_linear_attn
-from .validate import check_delta_args, check_gla_args, check_head_gla_args, check_scan_args
+from .validate import check_delta_args, check_gla_args, check_scan_args
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def chunk_head_gla(q, k, v, log_alpha, initial_state=None):
     the gate expanded over F). Cheaper than expanding the gate for :func:`chunk_gla`: the decay
     inside a chunk is one [C, C] matrix per kv head."""
     backend = _backend_for(q, "q")
-    check_head_gla_args(q, k, v, log_alpha, initial_state)
+    check_gla_args(q, k, v, log_alpha, initial_state, per_feature=False)
     return _recurrence(backend, "chunk_head_gla")(q, k, v, log_alpha, initial_state)
 
 

@@ -95,35 +95,19 @@ def check_gla_args(
     initial_state: torch.Tensor | None = None,
     *,
     unit_stride: bool = False,
+    per_feature: bool = True,
 ) -> tuple[int, int, int, int, int, int]:
     """Check the GLA arguments: q, k, v, initial_state as :func:`check_scan_args` (no log_decay) and
-    log_alpha [B, T, Hk, F], one log-gate per kv head, token and key feature (required).
-    Values (log_alpha <= 0) are not checked: that would sync the device. Returns (B, T, H, Hk, F, Dv)."""
+    log_alpha (required): [B, T, Hk, F], one log-gate per kv head, token and key feature, or with
+    ``per_feature=False`` [B, T, Hk], one per kv head and token. Values (log_alpha <= 0) are not
+    checked: that would sync the device. Returns (B, T, H, Hk, F, Dv)."""
     B, T, H, Hk, F, Dv = check_scan_args(q, k, v, None, initial_state, unit_stride=unit_stride)
+    shape, names = ((B, T, Hk, F), "B, T, Hk, F") if per_feature else ((B, T, Hk), "B, T, Hk")
+    expected = f"[{names}] = [{', '.join(map(str, shape))}]"
     if log_alpha is None:
-        raise ValueError(f"log_alpha must be [B, T, Hk, F] = [{B}, {T}, {Hk}, {F}], got None")
-    _check_gate("log_alpha", log_alpha, (B, T, Hk, F),
-                f"[B, T, Hk, F] = [{B}, {T}, {Hk}, {F}] (one log-gate per kv head, token and key feature)",
-                q.device)
-    return B, T, H, Hk, F, Dv
-
-
-def check_head_gla_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_alpha: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    *,
-    unit_stride: bool = False,
-) -> tuple[int, int, int, int, int, int]:
-    """:func:`check_gla_args` with log_alpha [B, T, Hk]: one log-gate per kv head and token, shared
-    by the key features. Returns (B, T, H, Hk, F, Dv)."""
-    B, T, H, Hk, F, Dv = check_scan_args(q, k, v, None, initial_state, unit_stride=unit_stride)
-    if log_alpha is None:
-        raise ValueError(f"log_alpha must be [B, T, Hk] = [{B}, {T}, {Hk}], got None")
-    _check_gate("log_alpha", log_alpha, (B, T, Hk), f"[B, T, Hk] = [{B}, {T}, {Hk}] (one log-gate per kv head and token)",
-                q.device)
+        raise ValueError(f"log_alpha must be {expected}, got None")
+    what = "kv head, token and key feature" if per_feature else "kv head and token"
+    _check_gate("log_alpha", log_alpha, shape, f"{expected} (one log-gate per {what})", q.device)
     return B, T, H, Hk, F, Dv
 
 
