@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F_
 
+from .gated import head_gated_chunks
 from .state import compute_dtype as _compute_dtype
 from .state import initial_state_or_zeros as _initial
 
@@ -119,33 +120,15 @@ def chunk_delta_rule(
     log_alpha = 0, so its u is 0 and it decays nothing."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
-    G, C = H // Hk, chunk_size
-    N = max(1, -(-T // C))
-    pad = N * C - T
-    dtype = _compute_dtype(q)
-    q, k, v = (F_.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    beta = F_.pad(beta.to(dtype), (0, 0, 0, pad))  # (B, N*C, Hk)
-    g = beta.new_zeros(beta.shape) if log_alpha is None else F_.pad(log_alpha.to(dtype), (0, 0, 0, pad))
-    # Heads before time, so that chunks are batches of [C, *] matrices.
-    qh = q.view(B, N, C, Hk, G, F).permute(0, 1, 3, 4, 2, 5)  # (B, N, Hk, G, C, F)
-    kh = k.view(B, N, C, Hk, F).transpose(2, 3)  # (B, N, Hk, C, F)
-    vh = v.view(B, N, C, Hk, Dv).transpose(2, 3)  # (B, N, Hk, C, Dv)
-    bh = beta.view(B, N, C, Hk).transpose(2, 3)  # (B, N, Hk, C)
-    gh = g.view(B, N, C, Hk).transpose(2, 3).cumsum(-1)  # (B, N, Hk, C) log-gate from the chunk's start
-
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    lag = torch.where(causal, gh[..., :, None] - gh[..., None, :], float("-inf"))
-    decay = torch.exp(lag)  # (B, N, Hk, C, C) D[t, s]; zero above the diagonal
-    kk = kh @ kh.transpose(-1, -2)  # (B, N, Hk, C, C)
-    A = (bh[..., :, None] * kk * decay).tril(-1)  # strictly lower
-    eye = torch.eye(C, dtype=dtype, device=q.device)
-    rhs = torch.cat([bh[..., None] * vh, (bh * torch.exp(gh))[..., None] * kh], dim=-1)  # (B, N, Hk, C, Dv+F)
+    if log_alpha is None:
+        log_alpha = beta.new_zeros(beta.shape)
+    c = head_gated_chunks(q, k, v, log_alpha, chunk_size)
+    N, dtype = c.b.shape[1], c.b.dtype
+    bh = F_.pad(beta.to(dtype), (0, 0, 0, N * chunk_size - T)).view(B, N, chunk_size, Hk).transpose(2, 3)  # (B, N, Hk, C)
+    A = (bh[..., :, None] * (c.kh @ c.kh.transpose(-1, -2)) * c.decay).tril(-1)  # (B, N, Hk, C, C) strictly lower
+    eye = torch.eye(chunk_size, dtype=dtype, device=q.device)
+    rhs = torch.cat([bh[..., None] * c.vh, (bh * torch.exp(c.b))[..., None] * c.kh], dim=-1)  # (B, N, Hk, C, Dv+F)
     u_free, w = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([Dv, F], -1)
-
-    attn = (qh @ kh[:, :, :, None].transpose(-1, -2)) * decay[:, :, :, None]  # (B, N, Hk, G, C, C)
-    q_in = qh * torch.exp(gh)[:, :, :, None, :, None]  # (B, N, Hk, G, C, F) decayed from the chunk's start
-    k_out = kh * torch.exp(gh[..., -1:] - gh)[..., None]  # (B, N, Hk, C, F) decayed to the chunk's end
-    chunk_decay = torch.exp(gh[..., -1])  # (B, N, Hk)
 
     state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
     starts, added = [], []  # the state entering each chunk; each chunk's U
@@ -153,8 +136,8 @@ def chunk_delta_rule(
         starts.append(state)
         u = u_free[:, n] - w[:, n] @ state  # (B, Hk, C, Dv)
         added.append(u)
-        state = chunk_decay[:, n, :, None, None] * state + k_out[:, n].transpose(-1, -2) @ u
+        state = c.chunk_decay[:, n, :, None, None] * state + c.k_out[:, n].transpose(-1, -2) @ u
     starts = torch.stack(starts, dim=1)[:, :, :, None]  # (B, N, Hk, 1, F, Dv)
     added = torch.stack(added, dim=1)[:, :, :, None]  # (B, N, Hk, 1, C, Dv)
-    o = q_in @ starts + attn @ added  # (B, N, Hk, G, C, Dv)
-    return o.permute(0, 1, 4, 2, 3, 5).reshape(B, N * C, H, Dv)[:, :T], state
+    o = c.q_in @ starts + c.attn @ added  # (B, N, Hk, G, C, Dv)
+    return o.permute(0, 1, 4, 2, 3, 5).reshape(B, N * chunk_size, H, Dv)[:, :T], state

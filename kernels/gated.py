@@ -21,6 +21,8 @@ A padding token (k = 0, log_alpha = 0) leaves the state as it was.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F_
 
@@ -155,6 +157,46 @@ def chunk_gla(
     return o.reshape(B, N * C, H, Dv)[:, :T], state
 
 
+class HeadChunks(NamedTuple):
+    """The chunked pieces of a recurrence whose gate is one scalar per kv head and token (shared by
+    :func:`chunk_head_gla` and the gated delta rule). b: the log-gate summed from each chunk's start."""
+
+    qh: torch.Tensor  # (B, N, Hk, G, C, F)
+    kh: torch.Tensor  # (B, N, Hk, C, F)
+    vh: torch.Tensor  # (B, N, Hk, C, Dv)
+    b: torch.Tensor  # (B, N, Hk, C)
+    decay: torch.Tensor  # (B, N, Hk, C, C) exp(b_t - b_s) for s <= t, else 0
+    attn: torch.Tensor  # (B, N, Hk, G, C, C) (Q K^T) ⊙ decay
+    q_in: torch.Tensor  # (B, N, Hk, G, C, F) queries decayed from the chunk's start
+    k_out: torch.Tensor  # (B, N, Hk, C, F) keys decayed to the chunk's end
+    chunk_decay: torch.Tensor  # (B, N, Hk) exp(b_last)
+
+
+def head_gated_chunks(q, k, v, log_alpha, chunk_size: int) -> HeadChunks:
+    """q [B,T,H,F], k [B,T,Hk,F], v [B,T,Hk,Dv], log_alpha [B,T,Hk] (<= 0) -> :class:`HeadChunks`
+    in the compute dtype, padded to whole chunks of ``chunk_size`` (padding: k = v = 0, gate 1).
+    Every exponent is <= 0."""
+    B, T, H, F = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    G, C = H // Hk, chunk_size
+    N = max(1, -(-T // C))
+    pad = N * C - T
+    dtype = _compute_dtype(q)
+    q, k, v = (F_.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g = F_.pad(log_alpha.to(dtype), (0, 0, 0, pad))  # (B, N*C, Hk)
+    # Heads before time, so that chunks are batches of [C, *] matrices.
+    qh = q.view(B, N, C, Hk, G, F).permute(0, 1, 3, 4, 2, 5)
+    kh = k.view(B, N, C, Hk, F).transpose(2, 3)
+    vh = v.view(B, N, C, Hk, Dv).transpose(2, 3)
+    b = g.view(B, N, C, Hk).transpose(2, 3).cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = torch.exp(torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")))
+    attn = (qh @ kh[:, :, :, None].transpose(-1, -2)) * decay[:, :, :, None]
+    q_in = qh * torch.exp(b)[:, :, :, None, :, None]
+    k_out = kh * torch.exp(b[..., -1:] - b)[..., None]
+    return HeadChunks(qh, kh, vh, b, decay, attn, q_in, k_out, torch.exp(b[..., -1]))
+
+
 def chunk_head_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -176,29 +218,13 @@ def chunk_head_gla(
     -> o [B,T,H,Dv], final state [B,Hk,F,Dv] (fp32; float64 for float64 q)."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
-    G, C = H // Hk, chunk_size
-    N = max(1, -(-T // C))
-    pad = N * C - T
-    dtype = _compute_dtype(q)
-    q, k, v = (F_.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    g = F_.pad(log_alpha.to(dtype), (0, 0, 0, pad))  # (B, N*C, Hk); padding: gate 1
-    qh = q.view(B, N, C, Hk, G, F).permute(0, 1, 3, 4, 2, 5)  # (B, N, Hk, G, C, F)
-    kh = k.view(B, N, C, Hk, F).transpose(2, 3)  # (B, N, Hk, C, F)
-    vh = v.view(B, N, C, Hk, Dv).transpose(2, 3)  # (B, N, Hk, C, Dv)
-    b = g.view(B, N, C, Hk).transpose(2, 3).cumsum(-1)  # (B, N, Hk, C)
-
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = torch.exp(torch.where(causal, b[..., :, None] - b[..., None, :], float("-inf")))  # (B, N, Hk, C, C)
-    attn = (qh @ kh[:, :, :, None].transpose(-1, -2)) * decay[:, :, :, None]  # (B, N, Hk, G, C, C)
-    q_in = qh * torch.exp(b)[:, :, :, None, :, None]  # (B, N, Hk, G, C, F)
-    k_out = kh * torch.exp(b[..., -1:] - b)[..., None]  # (B, N, Hk, C, F)
-    chunk_decay = torch.exp(b[..., -1])  # (B, N, Hk)
-
-    state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
+    c = head_gated_chunks(q, k, v, log_alpha, chunk_size)
+    N = c.b.shape[1]
+    state = _initial(initial_state, B, Hk, F, Dv, c.b.dtype, q.device)
     starts = []  # the state entering each chunk
     for n in range(N):
         starts.append(state)
-        state = chunk_decay[:, n, :, None, None] * state + k_out[:, n].transpose(-1, -2) @ vh[:, n]
+        state = c.chunk_decay[:, n, :, None, None] * state + c.k_out[:, n].transpose(-1, -2) @ c.vh[:, n]
     starts = torch.stack(starts, dim=1)[:, :, :, None]  # (B, N, Hk, 1, F, Dv)
-    o = q_in @ starts + attn @ vh[:, :, :, None]  # (B, N, Hk, G, C, Dv)
-    return o.permute(0, 1, 4, 2, 3, 5).reshape(B, N * C, H, Dv)[:, :T], state
+    o = c.q_in @ starts + c.attn @ c.vh[:, :, :, None]  # (B, N, Hk, G, C, Dv)
+    return o.permute(0, 1, 4, 2, 3, 5).reshape(B, N * chunk_size, H, Dv)[:, :T], state
