@@ -4,7 +4,9 @@ the work, and whether the two students agree.
 
 Both runs use ``configs/demo-cpu.yaml`` (student-input transfer: every step's batch is split over
 the ranks); ``--quick`` trains fewer steps per layer. A second, teacher-input pair shows the
-layer-parallel split (each rank a block of layers).
+layer-parallel split (each rank a block of layers), and a third run the student-input conversion
+over 2 ranks with ``fsdp=true`` (each rank holds half of the teacher's weights), against the same
+one-process run.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from .runner import Context, Result, case, save_figure
 
 CONFIG = "configs/demo-cpu.yaml"
 STAGES = ("load", "data", "teacher_eval", "fit", "transfer", "student_eval", "save")
-VARIANTS = {  # name -> overrides on top of the demo config
-    "student inputs (data parallel)": [],
-    "teacher inputs (layer parallel)": ["transfer.inputs=teacher"],
+VARIANTS = {  # name -> (folder, overrides on top of the demo config, ranks)
+    "student inputs (data parallel)": ("student", [], (1, 2)),
+    "teacher inputs (layer parallel)": ("teacher", ["transfer.inputs=teacher"], (1, 2)),
+    "student inputs, fsdp=true (teacher sharded)": ("fsdp", ["fsdp=true"], (2,)),
 }
 
 
@@ -44,26 +47,30 @@ def distributed(ctx: Context) -> Result:
     steps = ["transfer.steps=20"] if ctx.quick else []
     steps.append("transfer.batch_size=2")  # a global batch that two ranks can split (the demo's is 1 x 2048)
     rows, notes, split = [], [], {}
-    for variant, overrides in VARIANTS.items():
-        reports = {}
-        for ranks in (1, 2):
-            out = ctx.out / "distributed" / f"{'teacher' if overrides else 'student'}-{ranks}"
+    singles = {}  # folder -> the one-process row
+    for variant, (folder, overrides, ranks_list) in VARIANTS.items():
+        for ranks in ranks_list:
+            out = ctx.out / "distributed" / f"{folder}-{ranks}"
             wall = _convert(ranks, out, [*overrides, *steps, "threads=1"])
             report = json.loads((out / "report.json").read_text())
-            reports[ranks] = report
             row = {"variant": variant, "ranks": ranks, "wall_s": wall}
             row |= {f"{s}_s": report["seconds"].get(s, 0.0) for s in STAGES}
             row |= {"student_ppl": report["student_ppl"], "ppl_ratio": report["ppl_ratio"]}
+            row["weights_gib_per_rank"] = report.get("weights_gib_per_rank")
             rows.append(row)
-            if ranks == 2:
+            if ranks == 1:
+                singles[folder] = row
+            else:
                 log = (out / "logs" / "rank0.log").read_text()
                 found = re.search(r"layers per rank (\[.*\])", log)
                 split[variant] = found.group(1) if found else "each layer over both ranks (batch split)"
-        one, two = rows[-2], rows[-1]
+        one, two = singles.get(folder, singles["student"]), rows[-1]
+        shares = f"; weights per rank {', '.join(f'{g:.3f}' for g in two['weights_gib_per_rank'])} GiB" if two["weights_gib_per_rank"] else ""
         notes.append(
-            f"{variant}: 2 ranks take {two['wall_s']:.0f} s vs {one['wall_s']:.0f} s ({one['wall_s'] / two['wall_s']:.2f}x "
-            f"speedup, whole process); transfer {one['transfer_s'] / max(two['transfer_s'], 1e-9):.2f}x; student ppl "
-            f"{reports[2]['student_ppl']:.4f} vs {reports[1]['student_ppl']:.4f}; split: {split[variant]}."
+            f"{variant}: 2 ranks take {two['wall_s']:.0f} s vs {one['wall_s']:.0f} s in one process "
+            f"({one['wall_s'] / two['wall_s']:.2f}x speedup, whole process); transfer "
+            f"{one['transfer_s'] / max(two['transfer_s'], 1e-9):.2f}x; student ppl {two['student_ppl']:.4f} vs "
+            f"{one['student_ppl']:.4f}; split: {split[variant]}{shares}."
         )
     notes.append(
         f"`distill convert demo --config {CONFIG} {' '.join(steps)} threads=1`, one process vs `torchrun --standalone "

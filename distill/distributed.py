@@ -11,6 +11,11 @@ number of ranks.
 How the work is split (see the stages): perplexity and the data-parallel passes shard sequences
 ``rank::world``; teacher-input transfer gives each rank a contiguous block of layers; student-input
 transfer and finetune split each global batch ``rank::world`` and sum the gradients.
+
+With ``fsdp=true`` (:func:`shard_model`) each rank keeps only its 1/world of the teacher's weights
+(FSDP2): a whole-model forward gathers each block's weights as it runs, and :func:`gathered` holds
+one block's whole weights on every rank for the layer-by-layer stages. Both are collectives, so
+every rank then runs the same forwards and enters the same blocks in the same order.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import RunFailed
+from .errors import DistillError, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,11 @@ class Comm:
         try:
             return fn()
         except (RuntimeError, ConnectionError) as err:  # gloo/NCCL raise DistBackendError, a RuntimeError
-            raise RunFailed(LOST.format(rank=self.rank, why=_why(err))) from None
+            raise self.lost(err) from None
+
+    def lost(self, err: BaseException) -> RunFailed:
+        """The one line for a collective that failed with ``err``."""
+        return RunFailed(LOST.format(rank=self.rank, why=_why(err)))
 
     def barrier(self) -> None:
         if self.active:
@@ -180,6 +189,90 @@ def torchrun_ranks(timeout: float = 1800.0):
         yield comm
     finally:
         close_comm()
+
+
+def in_turns(comm: Comm, work: Callable[[], T]) -> T:
+    """``work()`` on one rank after the other (rank 0 first), e.g. loading a model into CPU memory
+    that only one rank at a time can hold whole. A :class:`DistillError` in one rank's turn is
+    raised on every rank."""
+    out = None
+    for turn in range(comm.world):
+        failure = None
+        if turn == comm.rank:
+            try:
+                out = work()
+            except DistillError as err:
+                failure = err
+        failure = comm.broadcast(failure, src=turn)
+        if failure is not None:
+            raise failure
+    return out
+
+
+def shard_mesh(comm: Comm):
+    """The one-dimensional device mesh of all ranks that :func:`shard_model` cuts over (every rank
+    must make it, together)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return comm._call(lambda: init_device_mesh(comm.device.type, (comm.world,)))
+
+
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], keep: set[torch.nn.Parameter], mesh) -> None:
+    """Shard ``model`` over ``mesh`` with FSDP2 (``fully_shard``, no communication): each of
+    ``blocks`` is one unit (its weights gathered together), the rest of the model (embeddings,
+    final norm, head) another. Every parameter is cut along dim 0 and moved to the mesh's device,
+    so this rank then holds 1/world of them; those in ``keep`` (small, trained) stay whole. Run one
+    forward of the whole model on every rank before :func:`gathered`: FSDP sets itself up in it."""
+    from torch.distributed.fsdp import fully_shard
+
+    for p in keep:  # FSDP moves what it shards, and the buffers
+        p.data = p.data.to(mesh.device_type)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, ignored_params=keep)
+    fully_shard(model, mesh=mesh, ignored_params=keep)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model that a wrapper such as peft's holds) is sharded by FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def gathered(module: torch.nn.Module):
+    """Inside the block, the FSDP unit ``module`` holds its whole weights on every rank, and its
+    forwards gather nothing (so ranks may run different numbers of them). Entering is one
+    all-gather, so every rank must enter; nested entries are free. No-op for an unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule) or getattr(module, "_distill_gathered", False):
+        yield
+        return
+    module.unshard()
+    module.set_reshard_after_forward(False, recurse=False)
+    module._distill_gathered = True
+    try:
+        yield
+    finally:
+        module._distill_gathered = False
+        module.set_reshard_after_forward(True, recurse=False)
+        module.reshard()
+
+
+def full_state_dict(model: torch.nn.Module, comm: Comm) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a sharded ``model``, on the CPU of rank 0 (None on the other
+    ranks, and for a model that is not sharded); every rank must call it."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = comm._call(lambda: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight is saved once, as unsharded
+        if first.setdefault(id(p), name) != name:
+            state.pop(name, None)
+    return state if comm.main else None
 
 
 def split_blocks(costs: list[float], parts: int) -> list[list[int]]:

@@ -129,12 +129,15 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_a_killed_rank_stops_the_other_then_one_process_resumes(assets, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_killed_rank_stops_the_other_then_one_process_resumes(assets, tmp_path, fsdp):
+    """Rank 1 dies in the middle of a layer: in its second block (layer-parallel transfer) or, with
+    fsdp=true, inside the sharded collectives of layer 3; one process then resumes either run."""
     steps = ["transfer.steps=150"]  # long enough to kill rank 1 inside its second layer
     reference = tmp_path / "reference"
     convert_here(assets, reference, *steps)
     out = tmp_path / "run"
-    ranks = launch(assets, out, [[], []], *steps, "dist_timeout=30")
+    ranks = launch(assets, out, [[], []], *steps, "dist_timeout=30", f"fsdp={str(fsdp).lower()}")
     manifest = out / "state" / "manifest.json"
     deadline = time.time() + TIMEOUT
     while time.time() < deadline:  # the first round of layers (0 and 2) is checkpointed
@@ -160,15 +163,38 @@ def test_a_killed_rank_stops_the_other_then_one_process_resumes(assets, tmp_path
     assert_same_student(reference, out, atol=1e-5)
 
 
-def test_ranks_started_with_different_configs_are_refused_before_any_work(assets, tmp_path):
+@pytest.mark.parametrize(
+    "per_rank,wanted",
+    [
+        ([[], ["transfer.steps=7"]], ["config.transfer.steps", "same command"]),
+        ([["fsdp=true", "data=self"]] * 2, ["data=self", "fsdp=false"]),  # sampling needs the whole teacher on one rank
+        # the ranks load in turns under fsdp: rank 0's error in its turn reaches rank 1
+        ([["fsdp=true", *FINETUNE, "finetune.targets=[qkv_proj]"]] * 2, ["finetune.targets names qkv_proj"]),
+    ],
+    ids=["different configs", "fsdp with data=self", "fsdp, refused in rank 0's turn"],
+)
+def test_bad_launches_are_refused_on_every_rank_before_any_work(assets, tmp_path, per_rank, wanted):
     out = tmp_path / "run"
-    ranks = launch(assets, out, [[], ["transfer.steps=7"]])
-    for rank in ranks:
+    for rank in launch(assets, out, per_rank):
         stderr = rank.communicate(timeout=TIMEOUT)[1]
         assert rank.returncode == 2
         line = error_line(stderr)
-        assert "config.transfer.steps" in line and "same command" in line, line
+        assert all(w in line for w in wanted), line
     assert not out.exists()
+
+
+def test_fsdp_ranks_short_of_sequences_still_join_every_forward(assets, tmp_path):
+    """3 held-out sequences scored one at a time (rank 1 has one fewer) and finetune steps of one
+    sequence (rank 1 has none) over a sharded model: the spare forwards keep the ranks in step,
+    also for the perplexity curve measured through the LoRA model, and change nothing."""
+    extra = ["heldout_tokens=96", "batch_size_eval=1", *STUDENT, *FINETUNE, "finetune.batch_size=1", "finetune.eval_every=2"]
+    convert_here(assets, tmp_path / "one", *extra)
+    convert(TWO, assets, tmp_path / "two", *extra, "fsdp=true")
+    assert_same_student(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    one, two = report(tmp_path / "one"), report(tmp_path / "two")
+    assert_same_figures(one, two)
+    assert [c["ppl"] for c in two["finetune_ppl_curve"]] == pytest.approx([c["ppl"] for c in one["finetune_ppl_curve"]], rel=1e-6)
+    assert len(two["finetune_ppl_curve"]) == 2
 
 
 def test_more_ranks_than_layers_to_train_still_converts(assets, tmp_path):
@@ -238,3 +264,21 @@ def test_eval_over_two_ranks_gives_the_one_process_report(task_dir, tmp_path):  
     for a, b in zip(one["rows"], two["rows"]):
         assert b["student"] == pytest.approx(a["student"], rel=1e-6) and b["teacher"] == pytest.approx(a["teacher"], rel=1e-6)
     assert two["lm_eval"]["student"]["n-samples"] == one["lm_eval"]["student"]["n-samples"]
+
+
+def test_fsdp_shards_the_teacher_and_gives_the_one_process_student(assets, tmp_path):
+    """fsdp=true: each rank holds half of the teacher's weights; fit, teacher-input transfer (then
+    data parallel), select and a finetune with activation checkpointing give the one-process student."""
+    extra = ["select.keep_softmax=1", "select.from_position=8", *FINETUNE, "finetune.activation_checkpointing=true"]
+    convert_here(assets, tmp_path / "one", *extra)
+    done = convert(TWO, assets, tmp_path / "two", *extra, "fsdp=true")
+    assert_same_student(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    one, two = report(tmp_path / "one"), report(tmp_path / "two")
+    assert_same_figures(one, two)
+    assert two["select"]["kept"] == one["select"]["kept"]
+    weights = load_file(str(tmp_path / "one" / "model.safetensors"))
+    whole = sum(t.numel() * t.element_size() for t in weights.values()) / 2**30
+    kept = sum(t.numel() * t.element_size() for k, t in weights.items() if not k.endswith("_proj.weight") and "norm" not in k and "embed" not in k) / 2**30
+    assert two["weights_gib_per_rank"] == [pytest.approx((whole - kept) / 2 + kept, rel=0.05)] * 2, (whole, kept)
+    assert "fsdp: this rank holds" in (tmp_path / "two" / "logs" / "rank1.log").read_text()
+    assert done.stdout.count("held-out perplexity:") == 1, done.stdout

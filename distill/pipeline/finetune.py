@@ -14,7 +14,9 @@ perplexity is measured along the way: the report's perplexity-against-tokens cur
 guarded (:class:`.train.GuardedSteps`). At the end the adapters are merged into the weights, so
 the result is a plain converted model that :func:`distill.load_converted` reads. With several
 ranks (``ctx.comm``) each step's batch is split ``rank::world`` and the gradients are summed
-(data parallel; every rank holds the whole model), which gives the one-process steps. The q/k/v/o
+(data parallel), which gives the one-process steps. With a sharded model (``fsdp=true``) every rank
+runs every forward (a rank without sequences runs one with zero weight), LoRA and the new
+parameters stay whole on every rank, and the merge adds each adapter to the weight shards. The q/k/v/o
 projections are shared by the student and its ``teacher`` mode, so after the merge that mode runs
 the finetuned projections, not the original teacher's (the report says so).
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..distributed import is_sharded
 from ..errors import DistillError
 from .layerwise import decoder_layers
 from .params import converted_layers, new_parameters
@@ -78,6 +81,26 @@ def add_lora(model, cfg: FinetuneConfig, seed: int):
             for p in new_parameters(decoder_layers(model)[i].self_attn).values():
                 p.requires_grad_(True)
     return peft_model
+
+
+@torch.no_grad()
+def merge_lora(peft_model):
+    """``merge_and_unload``; on a sharded model each adapter's B·A·scale goes into the weight's
+    shards (every rank holds the whole adapter, so each cuts its own shard of it)."""
+    if not is_sharded(peft_model.get_base_model()):
+        return peft_model.merge_and_unload()
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter).to(weight.dtype)  # (out, in)
+                if isinstance(weight, DTensor):
+                    delta = distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None)
+                weight.add_(delta)
+    return peft_model.unload()
 
 
 def trainable(peft_model) -> dict[str, torch.nn.Parameter]:
@@ -162,16 +185,21 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
     if ctx.store.has(KEY):
         load_optimizer_tensors(steps.optimizer, tensors)
 
+    sharded = is_sharded(model)
+
     def loss_at(step: int) -> torch.Tensor:
         """This rank's share of step ``step``'s loss (the shares of all ranks sum to it)."""
         batch = draw_batch(ids, cfg, ctx.seed, step)
         x = batch[ctx.comm.shard(len(batch))].to(ctx.device)
+        share = len(x) / len(batch)
         if not len(x):  # more ranks than sequences per step
-            return sum(p.sum() * 0.0 for p in params.values())
+            if not sharded:
+                return sum(p.sum() * 0.0 for p in params.values())
+            x = batch[:1].to(ctx.device)  # every rank joins every sharded forward and backward
         with torch.no_grad(), peft_model.disable_adapter():
             teacher = peft_model(input_ids=x, distill_mode="teacher", use_cache=False).logits
         student = peft_model(input_ids=x, distill_mode="parallel", use_cache=False).logits
-        return len(x) / len(batch) * distill_loss(student, teacher, x, cfg)
+        return share * distill_loss(student, teacher, x, cfg)
 
     if cfg.activation_checkpointing:  # transformers recomputes each decoder layer in the backward pass
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
@@ -207,7 +235,7 @@ def run_finetune(model, data, cfg: FinetuneConfig, ctx: StageContext, eval_batch
     peft_model.eval()
     with torch.no_grad():
         steps.finish(lambda: float(loss_at(cfg.steps)))
-    merged = peft_model.merge_and_unload()
+    merged = merge_lora(peft_model)
     for p in merged.parameters():
         p.requires_grad_(False)
     return FinetuneResult(

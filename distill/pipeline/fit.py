@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
+from ..distributed import gathered, is_sharded
 from ..layer import LinearAttention
 from .attention_weights import attention_kl, linear_keys, query_index, student_kernel, student_weights, teacher_scores
 from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
@@ -348,24 +349,27 @@ def set_mix(layer: LinearAttention, pairs: Pairs) -> None:
 
 
 @torch.no_grad()
-def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int):
+def collect_qk(model, ids: torch.Tensor, layers: list[int], batch: int, last: int = -1):
     """Yield (layer index, q [B,T,H,D], k [B,T,Hk,D], (q, k) as the feature maps read them) from
-    the teacher, one layer at a time."""
+    the teacher, one layer at a time; the pass goes on to the last of ``layers`` or to ``last``
+    (a sharded model: every rank goes through the same layers)."""
     wanted = set(layers)
-    if not wanted:  # every layer kept as softmax: nothing to fit
+    last = max(last, *wanted) if wanted else last
+    if last < 0:  # every layer kept as softmax: nothing to fit
         return
     hidden = embed(model, ids, batch)
     for i, decoder_layer in enumerate(decoder_layers(model)):
-        if i > max(wanted):
+        if i > last:
             break
-        if i in wanted:
-            x = attention_input(model, i, hidden)
-            attn, rope = decoder_layer.self_attn, position_embeddings(model, x)
-            q, k, _ = attn.project(x, rope)
-            qf, kf = attn.feature_inputs(q, k, rope)
-            q, k = q.float(), k.float()
-            yield i, q, k, ((qf.float(), kf.float()) if attn.unrotates else (q, k))
-        hidden = run_layer(model, i, hidden, "teacher", batch)
+        with gathered(decoder_layer):
+            if i in wanted:
+                x = attention_input(model, i, hidden)
+                attn, rope = decoder_layer.self_attn, position_embeddings(model, x)
+                q, k, _ = attn.project(x, rope)
+                qf, kf = attn.feature_inputs(q, k, rope)
+                q, k = q.float(), k.float()
+                yield i, q, k, ((qf.float(), kf.float()) if attn.unrotates else (q, k))
+            hidden = run_layer(model, i, hidden, "teacher", batch)
 
 
 @dataclass
@@ -420,7 +424,8 @@ def run_fit(model, data, cfg: FitConfig, ctx: StageContext) -> list[FitLayer]:
     bar = ctx.progress(total=len(mine), desc="fit", unit="layer")
     fitter = None
     try:
-        for i, q, k, features in collect_qk(model, ids, mine, batch=max(1, len(ids))):
+        last = max(layers, default=-1) if is_sharded(model) else -1
+        for i, q, k, features in collect_qk(model, ids, mine, batch=max(1, len(ids)), last=last):
             layer = decoder_layers(model)[i].self_attn
             pairs = make_pairs(layer, q, k, cfg, features)
             before = measure(layer, pairs)

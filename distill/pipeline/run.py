@@ -11,7 +11,9 @@ is not finite is never saved: the run fails (exit 1) naming the last stage that 
 
 Under ``torchrun`` every rank runs this same function (see :mod:`.distributed`): rank 0 prepares
 the data and writes the run folder, the model and the report; the stages split their work over
-the ranks; each rank logs to ``DIR/logs/rank<N>.log``.
+the ranks; each rank logs to ``DIR/logs/rank<N>.log``. With ``fsdp=true`` the ranks load and
+convert the model in turns and each keeps its shard of the teacher's weights (FSDP2); rank 0
+gathers the whole weights once, to save them.
 """
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ from ..files import atomic_write_text, disk_full_is_user_error, sha256
 from ..models import load_model
 from .checkpoint import RunStore, diff_keys, check_run_dir, open_run_dir
 from .data import TokenData, prepare_data
-from ..distributed import Comm, close_comm, env_local_rank, init_comm, log_to_files
+from ..distributed import Comm, close_comm, env_local_rank, full_state_dict, in_turns, init_comm, log_to_files, shard_mesh, shard_model
 from .finetune import check_targets, run_finetune
 from .fit import run_fit
+from .layerwise import decoder_layers
 from .params import SHARED, converted_layers
 from .perplexity import perplexity
 from .report import merge_layers, write_report
@@ -139,11 +142,12 @@ def _stage_value(key: str, store: RunStore, timer: Timer, compute) -> dict[str, 
     return meta
 
 
-def _save_model(model, tokenizer, out: Path, store: RunStore) -> None:
-    """save_pretrained into a temporary folder, then rename each file into ``out``."""
+def _save_model(model, tokenizer, out: Path, store: RunStore, state: dict | None = None) -> None:
+    """save_pretrained into a temporary folder, then rename each file into ``out``; ``state``: the
+    whole weights of a sharded model."""
     with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
         with disk_full_is_user_error(out):
-            model.save_pretrained(tmp, tokenizer=tokenizer)
+            model.save_pretrained(tmp, tokenizer=tokenizer, **({"state_dict": state} if state is not None else {}))
         files = {}
         for path in sorted(Path(tmp).iterdir()):
             if path.is_file():
@@ -164,9 +168,11 @@ def _stage_failed(stage: str, ppl: float) -> RunFailed:
 
 
 def run_header(spec: str, cfg: RunConfig) -> dict[str, Any]:
-    """What a resumed run must share with the run it continues (not ``dist_timeout``, which may change)."""
+    """What a resumed run must share with the run it continues (not ``dist_timeout`` or ``fsdp``,
+    which may change: they change how the ranks share the work, not the student)."""
     config = cfg.to_dict()
     config.pop("dist_timeout")
+    config.pop("fsdp")
     return {"model": spec, "config": config}
 
 
@@ -186,6 +192,7 @@ def upgrade_header(old: dict[str, Any]) -> dict[str, Any]:
 
     defaults = RunConfig().to_dict()
     defaults.pop("dist_timeout")
+    defaults.pop("fsdp")
     return {**old, "config": fill(old.get("config") or {}, defaults)}
 
 
@@ -206,6 +213,8 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
     comm = init_comm(cfg.dist_timeout, device)
     try:
         return _run_convert(spec, Path(out).expanduser(), cfg, resume, overwrite, device, comm)
+    except torch.distributed.DistBackendError as err:  # a collective inside a forward (fsdp=true)
+        raise comm.lost(err) from None
     finally:
         close_comm()
 
@@ -213,17 +222,24 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
 def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: bool, device, comm: Comm) -> dict:
     began = time.time()
     header = run_header(spec, cfg)
-    check_same_ranks(comm, {**header, "out": str(out.resolve()), "resume": resume, "overwrite": overwrite})
+    check_same_ranks(comm, {**header, "out": str(out.resolve()), "resume": resume, "overwrite": overwrite, "fsdp": cfg.fsdp})
+    sharded = cfg.fsdp and comm.active
+    if sharded and cfg.data == "self":
+        raise DistillError(
+            "data=self samples text from the whole teacher on one rank, which fsdp=true does not hold; "
+            "give data a text file, folder or dataset, or set fsdp=false"
+        )
     check_run_dir(out, header, resume, overwrite, upgrade_header)  # fail fast, before the slow model load
     comm.barrier()  # every rank has looked at DIR before rank 0 may create or replace it
     threads = set_threads((RunStore(out).open().get("threads") if resume else None) or cfg.threads)
 
     start = time.time()
-    model, tokenizer = load_model(spec, getattr(torch, cfg.dtype))
-    check_convertible(model, cfg.model)  # before any slow work; the swap itself waits for the data
-    if cfg.finetune.enabled and cfg.finetune.steps:
-        check_targets(model, cfg.finetune.targets)
-    model.to(device)
+    if sharded:  # the ranks take turns to hold the whole teacher in CPU memory, convert it and keep their shard
+        mesh = shard_mesh(comm)
+        model, tokenizer = in_turns(comm, lambda: _load_shard(spec, cfg, mesh))
+    else:
+        model, tokenizer = _load_teacher(spec, cfg)
+        model.to(device)
     loaded = time.time() - start
 
     # Only now is DIR created (or replaced): a bad MODEL leaves it as it was. Rank 0 writes it.
@@ -243,9 +259,13 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     ctx = StageContext(seed=cfg.seed, store=store, progress=progress, device=device, dtype=getattr(torch, cfg.dtype), comm=comm)
 
     data = _stage_data(cfg, model, tokenizer, store, timer, comm)  # data=self samples from the teacher: before the swap
-    convert_model(model, cfg.model)
-    set_sparse_cache(model, 0)  # training-free: the stages train the plain hybrid; switched on before the student's eval
-    prepare_new_parameters(model)
+    if sharded:
+        with torch.no_grad():  # FSDP sets itself up in a first forward of the whole model
+            model(input_ids=data.heldout[:1, :2].to(device), distill_mode="teacher", use_cache=False)
+        model.reshard()  # FSDP keeps the outermost unit (embeddings, head) gathered after a forward
+        log.info("fsdp: this rank holds %.3f GiB of the model's weights", _local_bytes(model) / 2**30)
+    else:
+        _swap(model, cfg)
 
     batch = cfg.batch_size_eval
     teacher = _stage_value(
@@ -292,8 +312,10 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     log.info("student held-out perplexity: %.3f (teacher %.3f)", student["ppl"], teacher["ppl"])
 
     start = time.time()
+    state = full_state_dict(model, comm)
     if comm.main:
-        _save_model(model, tokenizer, out, store)
+        _save_model(model, tokenizer, out, store, state)
+    del state
     timer.add("save", time.time() - start)
 
     converted = converted_layers(model)
@@ -326,6 +348,9 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
     }
     if comm.active:
         report["ranks"] = comm.world
+    if sharded:
+        model.reshard()
+        report["weights_gib_per_rank"] = comm.gather(_local_bytes(model) / 2**30)
     if device.type == "cuda":  # per rank, for sizing a GPU run
         report["peak_gpu_gib"] = comm.gather(torch.cuda.max_memory_allocated(device) / 2**30)
     curves = {f"layer {r.layer}": r.curve for r in transfer_layers or []}
@@ -335,6 +360,36 @@ def _run_convert(spec: str, out: Path, cfg: RunConfig, resume: bool, overwrite: 
         write_report(report, curves, out)
     comm.barrier()  # no rank exits before the model and the report are written
     return report
+
+
+def _load_teacher(spec: str, cfg: RunConfig):
+    """(model, tokenizer) on the CPU, checked before any slow work."""
+    model, tokenizer = load_model(spec, getattr(torch, cfg.dtype))
+    check_convertible(model, cfg.model)
+    if cfg.finetune.enabled and cfg.finetune.steps:
+        check_targets(model, cfg.finetune.targets)
+    return model, tokenizer
+
+
+def _swap(model, cfg: RunConfig) -> None:
+    """Replace the attention (in place); the new parameters train in fp32, the teacher's are frozen."""
+    convert_model(model, cfg.model)
+    set_sparse_cache(model, 0)  # training-free: the stages train the plain hybrid; switched on before the student's eval
+    prepare_new_parameters(model)
+
+
+def _load_shard(spec: str, cfg: RunConfig, mesh):
+    """fsdp=true: load and convert the model, then keep this rank's shard of the teacher's weights
+    (one FSDP unit per decoder layer); the parameters conversion added stay whole on every rank."""
+    model, tokenizer = _load_teacher(spec, cfg)
+    _swap(model, cfg)
+    shard_model(model, list(decoder_layers(model)), {p for p in model.parameters() if p.requires_grad}, mesh)
+    return model, tokenizer
+
+
+def _local_bytes(model) -> int:
+    """Bytes of the weights this rank holds (its shards of the sharded ones)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in model.parameters())
 
 
 TEACHER_MODE_AFTER_FINETUNE = (

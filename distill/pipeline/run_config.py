@@ -191,6 +191,10 @@ class RunConfig:
         other at every op); torch's default otherwise.
     dist_timeout: under torchrun, seconds a rank waits for the others at a collective before it
         stops with an error (a rank that dies is usually noticed at once); may change on --resume.
+    fsdp: under torchrun, shard the teacher's weights over the ranks (FSDP2), for a teacher too big
+        for one device: each rank holds 1/N of them and gathers one decoder layer at a time. Layers
+        then train data parallel (also with ``transfer.inputs: teacher``). Not with ``data: self``.
+        One process ignores it; may change on --resume.
     """
 
     model: ConvertConfig = field(default_factory=ConvertConfig)
@@ -205,6 +209,7 @@ class RunConfig:
     batch_size_eval: int = 2
     threads: int = 0
     dist_timeout: float = 1800.0
+    fsdp: bool = False
     fit: FitConfig = field(default_factory=FitConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

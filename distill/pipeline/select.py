@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..architectures import get_architecture
 from ..cache import RecurrentLayer
 from ..convert import restore_softmax
+from ..distributed import gathered, is_sharded
 from ..errors import DistillError
 from .layerwise import decoder_layers, embed, run_layer
 from .params import converted_layers
@@ -60,11 +61,12 @@ def long_range_nll(model, ids: torch.Tensor, student_layers: set[int], from_posi
     for i in range(len(decoder_layers(model))):
         hidden = run_layer(model, i, hidden, "parallel" if i in student_layers else "teacher", batch)
     total, count = 0.0, 0
-    for a in range(0, len(ids), batch):
-        logits = arch.logits(model, hidden[a : a + batch, from_position - 1 : -1]).float()  # (b, T−p, V)
-        target = ids[a : a + batch, from_position:].to(logits.device)
-        total += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
-        count += target.numel()
+    with gathered(model):
+        for a in range(0, len(ids), batch):
+            logits = arch.logits(model, hidden[a : a + batch, from_position - 1 : -1]).float()  # (b, T−p, V)
+            target = ids[a : a + batch, from_position:].to(logits.device)
+            total += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum"))
+            count += target.numel()
     return total / max(count, 1)
 
 
@@ -98,7 +100,8 @@ def run_select(model, data, cfg: SelectConfig, ctx: StageContext) -> SelectResul
         raise DistillError(f"select.from_position={cfg.from_position} is not inside the {ids.shape[1]}-token held-out sequences")
     teacher = long_range_nll(model, ids, set(), cfg.from_position)
     scores = {}
-    mine = converted[ctx.comm.shard(len(converted))]  # with several ranks, each scores its share
+    # With several ranks each scores its share; a sharded model's ranks go through every layer together.
+    mine = converted if is_sharded(model) else converted[ctx.comm.shard(len(converted))]
     bar = ctx.progress(total=len(mine), desc="select", unit="layer")
     try:
         for i in mine:

@@ -22,7 +22,9 @@ trains a contiguous block of the layers still to do (:func:`.distributed.split_b
 data-parallel teacher pass that hands each rank the hidden states entering its block; the ranks
 swap their finished layers after each round, and rank 0 checkpoints them. Student inputs chain
 the layers, so each layer trains data-parallel: every step's global batch is split ``rank::world``
-and the gradients are summed, which gives the one-process result.
+and the gradients are summed, which gives the one-process result. A sharded model (``fsdp=true``)
+trains every layer that way, with teacher inputs too: each layer's weights are gathered on every
+rank while it trains.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 
 from ..layer import LinearAttention
 from .attention_weights import attention_xent, query_index, student_weights, teacher_scores
-from ..distributed import Comm, split_blocks
+from ..distributed import Comm, gathered, is_sharded, split_blocks
 from .layerwise import attention_input, decoder_layers, embed, position_embeddings, run_layer
 from .params import converted_layers, layer_state, load_state, new_parameters
 from .run_config import TransferConfig
@@ -191,7 +193,7 @@ def batch_loss(attn, qkv, target, rows, cfg: TransferConfig, idx, power: float, 
 def run_transfer(model, data, cfg: TransferConfig, ctx: StageContext) -> list[TransferLayer]:
     """Train every converted layer in turn on ``data.train`` (held-out error on ``data.heldout``);
     each finished layer is checkpointed under :func:`layer_key` and restored on resume."""
-    if ctx.comm.active and cfg.inputs == "teacher":
+    if ctx.comm.active and cfg.inputs == "teacher" and not is_sharded(model):
         return _run_layer_parallel(model, data, cfg, ctx)
     comm = ctx.comm
     layers = decoder_layers(model)
@@ -307,9 +309,13 @@ def _run_layer_parallel(model, data, cfg: TransferConfig, ctx: StageContext) -> 
 def transfer_layer(
     model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar, comm: Comm | None = None
 ) -> TransferLayer:
+    with gathered(decoder_layers(model)[attn.layer_idx]):
+        return _transfer_layer(model, attn, hidden, val, rope, cfg, seed, batch, bar, comm or Comm())
+
+
+def _transfer_layer(model, attn: LinearAttention, hidden, val, rope, cfg: TransferConfig, seed: int, batch: int, bar, comm: Comm) -> TransferLayer:
     start = time.time()
     i = attn.layer_idx
-    comm = comm or Comm()
     q, k, v, target = sharded_targets(model, attn, hidden, rope, batch, comm)
     vq, vk, vv, vtarget = sharded_targets(model, attn, val, rope, batch, comm)
     before_abs, before = relative_mse(attn, vq, vk, vv, vtarget, batch, rope)
