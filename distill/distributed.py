@@ -121,6 +121,12 @@ class Comm:
         return out
 
 
+def lost_contact(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that failed because another rank is gone or silent: NCCL
+    raises ``DistBackendError``, gloo's transport (inside FSDP's gathers) a plain RuntimeError."""
+    return isinstance(err, dist.DistBackendError) or (isinstance(err, RuntimeError) and "/gloo/" in str(err))
+
+
 def _why(err: BaseException) -> str:
     """The first line of a backend error, without its source location."""
     text = str(err).strip()

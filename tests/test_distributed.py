@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from distill.pipeline.checkpoint import RunStore
 from distill.pipeline.run import run_convert
 from distill.pipeline.run_config import load_run_config
-from distill.distributed import split_blocks
+from distill.distributed import Comm, lost_contact, split_blocks
 
 TIMEOUT = 300
 ONE = [sys.executable, "-m", "distill"]
@@ -203,6 +203,16 @@ def test_more_ranks_than_layers_to_train_still_converts(assets, tmp_path):
     done = convert(TWO, assets, tmp_path / "two", *keep)
     assert "1 rank(s) idle" in done.stderr
     assert_same_student(tmp_path / "one", tmp_path / "two", atol=1e-5)
+
+
+def test_a_gloo_transport_error_inside_a_gather_reads_as_lost_contact():
+    """FSDP's gathers surface gloo's transport errors as plain RuntimeErrors (seen when a rank was
+    killed during an all-gather); they become the one line, other RuntimeErrors stay bugs."""
+    err = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                       "[127.0.0.1]:60309: Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert lost_contact(err) and not lost_contact(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    line = str(Comm(rank=1, world=2).lost(err))
+    assert line.startswith("rank 1 lost contact with the other ranks (Read error [127.0.0.1]:60309: Connection reset") and "--resume" in line
 
 
 @pytest.mark.parametrize("costs,parts", [([1.0] * 5, 2), ([5, 1, 1, 1, 1, 1], 2), ([1, 2, 3, 4, 5, 6, 7], 3), ([2.0], 3), ([], 2)])

@@ -39,7 +39,9 @@ from ..files import atomic_write_text, disk_full_is_user_error, sha256
 from ..models import load_model
 from .checkpoint import RunStore, diff_keys, check_run_dir, open_run_dir
 from .data import TokenData, prepare_data
-from ..distributed import Comm, close_comm, env_local_rank, full_state_dict, in_turns, init_comm, log_to_files, shard_mesh, shard_model
+from ..distributed import (
+    Comm, close_comm, env_local_rank, full_state_dict, in_turns, init_comm, log_to_files, lost_contact, shard_mesh, shard_model,
+)
 from .finetune import check_targets, run_finetune
 from .fit import run_fit
 from .layerwise import decoder_layers
@@ -213,8 +215,10 @@ def run_convert(spec: str, out: str | Path, cfg: RunConfig, resume: bool = False
     comm = init_comm(cfg.dist_timeout, device)
     try:
         return _run_convert(spec, Path(out).expanduser(), cfg, resume, overwrite, device, comm)
-    except torch.distributed.DistBackendError as err:  # a collective inside a forward (fsdp=true)
-        raise comm.lost(err) from None
+    except RuntimeError as err:  # a collective inside a forward or a gather (fsdp=true)
+        if comm.active and lost_contact(err):
+            raise comm.lost(err) from None
+        raise
     finally:
         close_comm()
 
