@@ -133,6 +133,34 @@ def test_gla_chunk_sizes():
         gated.chunk_gla(*args, chunk_size=24, sub_chunk=16)
 
 
+@pytest.mark.parametrize("gates,sub_chunked", [("near1", False), ("small", True)])
+def test_gla_chunk_takes_the_path_its_gates_allow(monkeypatch, gates, sub_chunked):
+    """Gates near 1 take the factored form, gates that spread past FACTORED_SPREAD within a chunk
+    the sub-chunked one; each matches the reference, at two chunk sizes."""
+    calls = []
+    real = gated._sub_chunk_scores
+    monkeypatch.setattr(gated, "_sub_chunk_scores", lambda *a: calls.append(1) or real(*a))
+    args = gla_inputs(2, 75, 4, 2, 6, 5, gates, True, seed=4)
+    want = run_with_grads(gated.naive_gla, args)
+    for chunk_size in (32, 64):
+        calls.clear()
+        fn = lambda *a: gated.chunk_gla(*a, chunk_size=chunk_size)  # noqa: E731
+        assert_match(run_with_grads(fn, args), want, TOL64, grad_names(args, GLA_NAMES))
+        assert bool(calls) == sub_chunked
+
+
+def test_gla_factored_fp32_at_the_spread_limit():
+    """fp32 with every feature decaying by exp(-39) over each 32-token chunk, just inside
+    FACTORED_SPREAD: exp(+-b) reach exp(+-39); the factored form stays accurate."""
+    per_token = -39.0 / 32
+    assert -per_token * 32 <= gated.FACTORED_SPREAD
+    gla = gla_inputs(1, 100, 4, 2, 16, 8, "near1", True, dtype=torch.float32, seed=6)
+    with torch.no_grad():
+        gla[3].fill_(per_token)
+    want = run_with_grads(gated.naive_gla, [x.detach().double().requires_grad_() for x in gla])
+    assert_match(run_with_grads(gated.chunk_gla, gla), want, 2e-5, grad_names(gla, GLA_NAMES))
+
+
 def _head_gated(args):
     """gla_inputs with one gate per kv head and token: log_alpha [B,T,Hk] (its first feature's)."""
     q, k, v, la, s0 = args
