@@ -246,29 +246,35 @@ def memory(ctx: Context) -> Result:
     )
 
 
-_SPEED_NOTE = (
-    "Timed in turns (a warm-up round, then 5 rounds of a few decode steps and one prefill per student); "
-    "decode: median ms per token from position 8192 after a 128-token prefill; prefill: median of the 5 passes over {n} tokens"
-)
+def _speed_sizes(quick: bool) -> tuple[int, int]:
+    """(prefill tokens, decode steps per turn) of :func:`_speed_rows`."""
+    return (512, 2) if quick else (2048, 8)
+
+
+def _speed_note(quick: bool) -> str:
+    n, steps = _speed_sizes(quick)
+    return (
+        f"Timed in turns (a warm-up round, then 5 rounds of {steps} decode steps and one prefill per student); "
+        f"decode: median ms per token from position 8192 after a 128-token prefill; prefill: median of the 5 passes over {n} tokens"
+    )
 
 
 def _speed_rows(students: dict, quick: bool, rounds: int = 5) -> list[dict]:
     """Decode step at position 8192, prefill of 2048 tokens (512 if ``quick``) and state for each
     student in ``students`` (label -> model), after checking cached generate = uncached for each.
     The students are timed in turns, ``rounds`` times over (a few decode steps and one prefill each
-    per turn), and each figure is the median of its turns: a slow spell of the machine falls on
+    per turn, :func:`_speed_sizes`), and each figure is the median of its turns: a slow spell of the machine falls on
     every student alike, so the ratios between them hold where figures taken one student after
     another drift."""
     ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
     for label, s in students.items():
         if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):
             raise AssertionError(f"{label}: cached generate differs from uncached")
-    n = 512 if quick else 2048
+    n, steps = _speed_sizes(quick)
     x = torch.randint(3, 1000, (1, n), generator=torch.Generator().manual_seed(n))
     caches = {label: _student_cache(s, 8192) for label, s in students.items()}
     decode = {label: [] for label in students}
     prefill = {label: [] for label in students}
-    steps = 2 if quick else 3
     with torch.no_grad():
         for turn in range(rounds + 1):  # the first round is a warm-up
             for label, s in students.items():
@@ -330,7 +336,7 @@ def recurrences(ctx: Context) -> Result:
         notes=[
             f"Demo model, hedgehog + 64-token window, every gate_strength {TRAINED_GATE} (about the trained demo gla "
             f"student's strongest); 'gla, strong gates': {STRONG_GATE}, past chunk_gla's factored limit.",
-            f"{_SPEED_NOTE.format(n=512 if ctx.quick else 2048)}; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
+            f"{_speed_note(ctx.quick)}; torch threads {torch.get_num_threads()}; the CPU path of every recurrence (torch kernels).",
         ],
     )
 
@@ -355,6 +361,6 @@ def sparse_cache(ctx: Context) -> Result:
         rows,
         notes=[
             "Demo model, hedgehog + 64-token window; M keys per kv head kept exact (0 = the plain hybrid).",
-            f"{_SPEED_NOTE.format(n=512 if ctx.quick else 2048)}; torch threads {torch.get_num_threads()}. State: recurrent state, window and sparse cache.",
+            f"{_speed_note(ctx.quick)}; torch threads {torch.get_num_threads()}. State: recurrent state, window and sparse cache.",
         ],
     )

@@ -198,7 +198,7 @@ class DeltaRecurrence(Recurrence):
 
     def beta(self, v, valid) -> torch.Tensor:
         """β [B,T,Hk] in (0, 1); 0 on padding."""
-        b = torch.sigmoid(torch.einsum("bthd,hd->bth", v.float(), self.beta_weight.float()) + self.beta_bias.float())
+        b = torch.sigmoid((v.float() * self.beta_weight.float()).sum(-1) + self.beta_bias.float())
         return b if valid is None else b * valid[..., None]
 
     def log_alpha(self, v, valid, log_decay) -> torch.Tensor | None:
@@ -232,7 +232,7 @@ class GatedDeltaRecurrence(DeltaRecurrence):
         self.gate_strength = nn.Parameter(torch.zeros(num_kv_heads, dtype=torch.float32))  # c ≥ 0
 
     def log_alpha(self, v, valid, log_decay) -> torch.Tensor:
-        u = torch.einsum("bthd,hd->bth", v.float(), self.gate_weight.float()) + self.gate_bias.float()
+        u = (v.float() * self.gate_weight.float()).sum(-1) + self.gate_bias.float()  # (B, T, Hk)
         la = -self.gate_strength.float() * torch.sigmoid(u)  # (B, T, Hk)
         if log_decay is not None:
             la = la + log_decay.float()

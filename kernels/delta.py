@@ -84,10 +84,10 @@ def recurrent_delta_rule(
         if alpha is not None:
             state = alpha[:, t, :, None, None] * state
         kt = k[:, t]  # (B, Hk, F)
-        stored = torch.einsum("bif,bifd->bid", kt, state)  # (B, Hk, Dv) what the state holds under k_t
+        stored = (kt[..., None, :] @ state)[..., 0, :]  # (B, Hk, Dv) what the state holds under k_t
         delta = beta[:, t, :, None] * (v[:, t] - stored)  # (B, Hk, Dv)
         state = state + kt[..., :, None] * delta[..., None, :]
-        outs.append(torch.einsum("bigf,bifd->bigd", qg[:, t], state))  # (B, Hk, G, Dv)
+        outs.append(qg[:, t] @ state)  # (B, Hk, G, Dv)
     o = torch.stack(outs, dim=1) if outs else qg.new_zeros(B, 0, Hk, G, Dv)
     return o.reshape(B, T, H, Dv), state
 

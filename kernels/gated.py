@@ -74,7 +74,7 @@ def recurrent_gla(
     outs = []
     for t in range(T):
         state = alpha[:, t, :, :, None] * state + k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, Hk, F, Dv)
-        outs.append(torch.einsum("bigf,bifd->bigd", qg[:, t], state))  # (B, Hk, G, Dv)
+        outs.append(qg[:, t] @ state)  # (B, Hk, G, Dv)
     o = torch.stack(outs, dim=1) if outs else qg.new_zeros(B, 0, Hk, G, Dv)
     return o.reshape(B, T, H, Dv), state
 

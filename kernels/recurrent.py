@@ -32,6 +32,6 @@ def recurrent_linear_attn(
         if decay is not None:
             state = state * decay
         state = state + k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, Hk, F, Dv)
-        outs.append(torch.einsum("bigf,bifd->bigd", qg[:, t], state))  # (B, Hk, G, Dv)
+        outs.append(qg[:, t] @ state)  # (B, Hk, G, Dv)
     o = torch.stack(outs, dim=1) if outs else qg.new_zeros(B, 0, Hk, H // Hk, Dv)
     return o.reshape(B, T, H, Dv), state
