@@ -7,10 +7,11 @@
 # 2. python -m benchmarks.kernels: torch reference vs ours vs fla, every implementation checked
 #    before it is timed, results written to OUT/kernels.{json,md,png} after every case;
 # 3. prints OUT/kernels.md (paste it into the closing note);
-# 4. the gated / delta-rule recurrences (GLA, delta rule, gated delta rule): fla's kernels
-#    (DISTILL_BACKEND=fla) against the torch forms at layer sizes (B=2, T=2048, H=9, Hk=3, F=128,
-#    Dv=65) for the output, final state, every gradient and one decode step, in fp32 and bf16, then
-#    fwd+bwd and decode timings next to today's chunk_linear_attn; OUT/recurrences.{json,md}.
+# 4. the gated / delta-rule recurrences (GLA with weak and with strong gates, delta rule, gated
+#    delta rule): fla's kernels (DISTILL_BACKEND=fla) against the torch forms at layer sizes (B=2,
+#    T=2048, H=9, Hk=3, F=128, Dv=65) for the output, final state, every gradient and one decode
+#    step, in fp32 and bf16, then fwd+bwd and decode timings next to today's chunk_linear_attn;
+#    OUT/recurrences.{json,md}.
 #    Steps 1-3 take under 10 minutes and step 4 under 4 more; ONLY=recurrences runs step 4 alone:
 #
 #   ONLY=recurrences bash benchmarks/gpu_kernels.sh [OUT]
@@ -67,9 +68,12 @@ REPS = 1 if DRY else 10
 torch.backends.cuda.matmul.allow_tf32 = False  # the reference in true fp32
 torch.backends.cudnn.allow_tf32 = False
 TOL = {torch.float32: dict(fwd=5e-3, grad=1e-2), torch.bfloat16: dict(fwd=2e-2, grad=5e-2)}
-# rule -> (public chunk, public recurrent, torch chunk, torch recurrent)
+# rule -> (public chunk, public recurrent, torch chunk, torch recurrent). gla_strong: GLA with gates
+# strong enough (about -3 per token) for the torch chunk_gla's sub-chunked form; gla's take its
+# factored form (gated.FACTORED_SPREAD).
 RULES = {
     "gla": (ops.chunk_gla, ops.recurrent_gla, gated.chunk_gla, gated.recurrent_gla),
+    "gla_strong": (ops.chunk_gla, ops.recurrent_gla, gated.chunk_gla, gated.recurrent_gla),
     "delta": (ops.chunk_delta_rule, ops.recurrent_delta_rule, delta.chunk_delta_rule, delta.recurrent_delta_rule),
     "gated_delta": (ops.chunk_delta_rule, ops.recurrent_delta_rule, delta.chunk_delta_rule,
                     delta.recurrent_delta_rule),
@@ -77,6 +81,7 @@ RULES = {
 NAMES = {"gla": ("q", "k", "v", "log_alpha", "initial_state"),
          "delta": ("q", "k", "v", "beta", "log_alpha", "initial_state")}
 NAMES["gated_delta"] = NAMES["delta"]
+NAMES["gla_strong"] = NAMES["gla"]
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 checks, timings = [], []
 
@@ -86,9 +91,10 @@ def make(rule, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     q, v, s0 = r(B, T, H, F) * F**-0.5, r(B, T, Hk, Dv), r(B, Hk, F, Dv) * 0.1
-    if rule == "gla":
+    if rule.startswith("gla"):
         k = r(B, T, Hk, F) * F**-0.5
-        args = [q, k, v, F_.logsigmoid(r(B, T, Hk, F)) / 16, s0]  # fla's GLA layer: logsigmoid / 16
+        la = F_.logsigmoid(r(B, T, Hk, F) - 3) if rule == "gla_strong" else F_.logsigmoid(r(B, T, Hk, F)) / 16
+        args = [q, k, v, la, s0]  # fla's GLA layer: logsigmoid / 16
     else:
         k = F_.normalize(r(B, T, Hk, F), dim=-1)
         beta = torch.sigmoid(r(B, T, Hk)).to(dtype).float()  # bf16-exact: fla_backend casts beta to q's dtype

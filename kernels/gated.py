@@ -108,10 +108,10 @@ def chunk_gla(
       both exponents <= 0; keys in the query's own sub-chunk use exp(b_t - b_s) directly, a
       [c, c, F] tensor per sub-chunk and kv head. Every exponent is <= 0 whatever the gates.
 
-    The choice is made once per call (reading the spread syncs a CUDA device); the sizes were the fastest of those tried on a CPU at layer
-    sizes (T = 2048, F = 128). The state is carried from chunk to chunk with exp(b_last) and
-    exp(b_last - b_s). Padding appended to reach a whole number of chunks is k = 0,
-    log_alpha = 0: it neither writes nor decays."""
+    The choice is made once per call (reading the spread syncs a CUDA device); the sizes were the
+    fastest of those tried on a CPU at layer sizes (T = 2048, F = 128). The state is carried from
+    chunk to chunk with exp(b_last) and exp(b_last - b_s). Padding appended to reach a whole
+    number of chunks is k = 0, log_alpha = 0: it neither writes nor decays."""
     B, T, H, F = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     G, C = H // Hk, chunk_size
@@ -127,6 +127,7 @@ def chunk_gla(
     vc = v.view(B, N, C, Hk, Dv)
     b = g.view(B, N, C, Hk, F).cumsum(2)  # (B, N, C, Hk, F) log-gate from the chunk's start through t
     b_last = b[:, :, -1]  # (B, N, Hk, F)
+    chunk_decay = torch.exp(b_last)  # (B, N, Hk, F) what a chunk does to the state it got
     q_in = qc * torch.exp(b)[:, :, :, :, None]  # (B, N, C, Hk, G, F) decayed from the chunk's start
 
     if -b_last.min() <= FACTORED_SPREAD:
@@ -134,13 +135,12 @@ def chunk_gla(
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # (C_t, C_s)
         scores = torch.einsum("bncigf,bnsif->bnigcs", q_in, k_in).masked_fill(~causal, 0)  # (B, N, Hk, G, C, C)
         o = torch.einsum("bnigcs,bnsid->bncigd", scores, vc)  # (B, N, C, Hk, G, Dv)
-        kv = torch.exp(b_last)[..., None] * torch.einsum("bnsif,bnsid->bnifd", k_in, vc)  # (B, N, Hk, F, Dv)
+        kv = chunk_decay[..., None] * torch.einsum("bnsif,bnsid->bnifd", k_in, vc)  # (B, N, Hk, F, Dv)
     else:
         o = _sub_chunk_scores(qc, kc, vc, b, c).reshape(B, N, C, Hk, G, Dv)
         kv = torch.einsum("bnsif,bnsid->bnifd", kc * torch.exp(b_last[:, :, None] - b), vc)  # (B, N, Hk, F, Dv)
 
-    # Across chunks: what each chunk adds to the state, and the decay it applies to the state it got.
-    chunk_decay = torch.exp(b_last)  # (B, N, Hk, F)
+    # Across chunks: kv is what each chunk adds to the state.
     state = _initial(initial_state, B, Hk, F, Dv, dtype, q.device)
     starts = []  # the state entering each chunk
     for n in range(N):

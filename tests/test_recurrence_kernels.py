@@ -480,6 +480,6 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads((tmp_path / "recurrences.json").read_text())
     assert report["checks"] and all(c.get("ok") for c in report["checks"]), report["checks"]
-    assert {t["op"] for t in report["timings"]} == {"chunk_linear_attn", "gla", "delta", "gated_delta"}
+    assert {t["op"] for t in report["timings"]} == {"chunk_linear_attn", "gla", "gla_strong", "delta", "gated_delta"}
     assert not [t for t in report["timings"] if "error" in t]
     assert "| gla | torch |" in (tmp_path / "recurrences.md").read_text()
