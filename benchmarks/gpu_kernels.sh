@@ -93,8 +93,9 @@ def make(rule, dtype, seed=0):
     q, v, s0 = r(B, T, H, F) * F**-0.5, r(B, T, Hk, Dv), r(B, Hk, F, Dv) * 0.1
     if rule.startswith("gla"):
         k = r(B, T, Hk, F) * F**-0.5
-        la = F_.logsigmoid(r(B, T, Hk, F) - 3) if rule == "gla_strong" else F_.logsigmoid(r(B, T, Hk, F)) / 16
-        args = [q, k, v, la, s0]  # fla's GLA layer: logsigmoid / 16
+        x = r(B, T, Hk, F)
+        la = F_.logsigmoid(x - 3) if rule == "gla_strong" else F_.logsigmoid(x) / 16  # fla's GLA layer: logsigmoid / 16
+        args = [q, k, v, la, s0]
     else:
         k = F_.normalize(r(B, T, Hk, F), dim=-1)
         beta = torch.sigmoid(r(B, T, Hk)).to(dtype).float()  # bf16-exact: fla_backend casts beta to q's dtype

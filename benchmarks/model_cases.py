@@ -263,9 +263,9 @@ def _speed_rows(students: dict, quick: bool, rounds: int = 5) -> list[dict]:
     """Decode step at position 8192, prefill of 2048 tokens (512 if ``quick``) and state for each
     student in ``students`` (label -> model), after checking cached generate = uncached for each.
     The students are timed in turns, ``rounds`` times over (a few decode steps and one prefill each
-    per turn, :func:`_speed_sizes`), and each figure is the median of its turns: a slow spell of the machine falls on
-    every student alike, so the ratios between them hold where figures taken one student after
-    another drift."""
+    per turn, :func:`_speed_sizes`), and each figure is the median of its turns: a slow spell of
+    the machine falls on every student alike, so the ratios between them hold where figures taken
+    one student after another drift."""
     ids = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(1))
     for label, s in students.items():
         if not torch.equal(_greedy(s, ids, 4, True), _greedy(s, ids, 4, False)):
